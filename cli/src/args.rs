@@ -1,0 +1,162 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Cairn: replicated block storage for VM disks.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about)]
+pub struct Cli {
+    /// Metadata service address(es), comma-separated. Default: $CAIRN_META, else the local
+    /// cluster of ./cairn-data.
+    #[arg(long, global = true, env = "CAIRN_META", value_delimiter = ',')]
+    pub meta: Vec<String>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a local cluster under a data directory and keep it running (Ctrl-C stops it).
+    Up(UpArgs),
+    /// Create, list, inspect, resize and delete volumes.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// The cluster at a glance: metadata members, storage nodes, capacity.
+    Status,
+    /// Run and manage metadata members.
+    Meta {
+        #[command(subcommand)]
+        command: MetaCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where every process keeps its data, logs and cluster.json.
+    #[arg(long, default_value = "./cairn-data")]
+    pub data_dir: PathBuf,
+    /// Number of metadata members: 1, 3 or 5.
+    #[arg(long, default_value_t = 1, value_parser = parse_replicas)]
+    pub meta_replicas: u64,
+    /// First TCP port; metadata members listen on BASE+1, BASE+2, …
+    #[arg(long, default_value_t = 7100)]
+    pub base_port: u16,
+}
+
+fn parse_replicas(s: &str) -> Result<u64, String> {
+    match s {
+        "1" => Ok(1),
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err(format!("{s:?}: a metadata cluster has 1, 3 or 5 members")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10G, 512M, 1T (binary units), or bytes.
+        #[arg(long)]
+        size: String,
+        /// Replication factor (default: the pool's, 3).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Pool (default: "default").
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Info { name: String },
+    /// Grow a volume (shrinking is refused: it would destroy data).
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Delete a volume that nobody has attached.
+    Delete { name: String },
+    /// Take the volume's attach lease (normally done by the NBD / vhost frontends).
+    Attach {
+        name: String,
+        /// Who holds the lease, e.g. the hypervisor host name.
+        #[arg(long)]
+        holder: String,
+        /// Take the lease over from its current holder (fences the old one).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give the volume's attach lease back.
+    Detach {
+        name: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long)]
+        generation: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MetaCommand {
+    /// Run one metadata member in the foreground.
+    Run(MetaRunArgs),
+    /// Show every member's raft status (each member answers for itself).
+    Members,
+    /// Add a member (start it afterwards with `cairn meta run --join`).
+    AddMember {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a member from the cluster.
+    RemoveMember {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MetaRunArgs {
+    /// A TOML configuration file (see etc/meta.example.toml); flags below override nothing and
+    /// may not be combined with it.
+    #[arg(long, conflicts_with_all = ["id", "listen", "data_dir", "peers"])]
+    pub config: Option<PathBuf>,
+    /// This member's raft id (1, 2, …).
+    #[arg(long, required_unless_present = "config")]
+    pub id: Option<u64>,
+    /// Address to listen on, IP:PORT.
+    #[arg(long, required_unless_present = "config")]
+    pub listen: Option<String>,
+    /// Address the others reach this member at (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Directory for the member's store.
+    #[arg(long, required_unless_present = "config")]
+    pub data_dir: Option<PathBuf>,
+    /// Initial members, ID=HOST:PORT, comma-separated, this one included.
+    #[arg(long, value_delimiter = ',', required_unless_present = "config")]
+    pub peers: Vec<String>,
+    /// Join an existing cluster instead of bootstrapping a new one.
+    #[arg(long)]
+    pub join: bool,
+    /// Compact the raft log after this many applied entries.
+    #[arg(long)]
+    pub compact_threshold: Option<u64>,
+    /// Raft tick in milliseconds.
+    #[arg(long)]
+    pub tick_ms: Option<u64>,
+    /// Attach lease time-to-live in milliseconds.
+    #[arg(long)]
+    pub lease_ttl_ms: Option<u64>,
+}

@@ -1,0 +1,260 @@
+//! The commands: each parses its arguments into a request, makes one call through
+//! `cairn_client::MetaClient`, and prints the answer.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use cairn_client::MetaClient;
+use cairn_metadata::{MetaConfig, MetaConfigFile};
+use cairn_proto::metadata as pb;
+use cairn_proto::metadata::metadata_client::MetadataClient;
+use cairn_proto::parse_size;
+
+use crate::args::{Cli, Command, MetaCommand, MetaRunArgs, VolumeCommand};
+use crate::output::{self, Printer};
+use crate::up;
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Printer { json: cli.json };
+    match cli.command {
+        Command::Up(a) => up::run(a).await,
+        Command::Meta {
+            command: MetaCommand::Run(a),
+        } => meta_run(a).await,
+        Command::Meta { command } => {
+            let addrs = meta_addrs(&cli.meta)?;
+            meta_command(command, &addrs, &out).await
+        }
+        Command::Volume { command } => {
+            let client = MetaClient::new(&meta_addrs(&cli.meta)?)?;
+            volume(command, &client, &out).await
+        }
+        Command::Status => {
+            let client = MetaClient::new(&meta_addrs(&cli.meta)?)?;
+            let s = client
+                .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+                .await?;
+            out.status(&s)
+        }
+    }
+}
+
+/// `--meta` / `CAIRN_META`, else the metadata members of `./cairn-data/cluster.json`.
+pub fn meta_addrs(given: &[String]) -> anyhow::Result<Vec<String>> {
+    let given: Vec<String> = given
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !given.is_empty() {
+        return Ok(given);
+    }
+    let path = Path::new("./cairn-data/cluster.json");
+    if path.exists() {
+        let addrs = up::ClusterFile::load(path)?.meta_addrs();
+        if !addrs.is_empty() {
+            return Ok(addrs);
+        }
+    }
+    bail!("no metadata address: pass --meta ADDR[,ADDR…], set CAIRN_META, or run `cairn up` here first")
+}
+
+async fn meta_run(a: MetaRunArgs) -> anyhow::Result<()> {
+    let file = match &a.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let mut f = MetaConfigFile::from_toml(&text).map_err(anyhow::Error::msg)?;
+            f.join |= a.join;
+            f
+        }
+        None => {
+            let defaults = MetaConfigFile::from_toml(&format!(
+                "id = {}\nlisten = {:?}\ndata_dir = {:?}\npeers = []",
+                a.id.unwrap_or(0),
+                a.listen.clone().unwrap_or_default(),
+                a.data_dir.clone().unwrap_or_default()
+            ))
+            .map_err(anyhow::Error::msg)?;
+            MetaConfigFile {
+                advertise: a.advertise.clone(),
+                peers: a.peers.clone(),
+                join: a.join,
+                compact_threshold: a.compact_threshold.unwrap_or(defaults.compact_threshold),
+                tick_ms: a.tick_ms.unwrap_or(defaults.tick_ms),
+                lease_ttl_ms: a.lease_ttl_ms.unwrap_or(defaults.lease_ttl_ms),
+                ..defaults
+            }
+        }
+    };
+    let cfg: MetaConfig = file.parse_and_validate().map_err(anyhow::Error::msg)?;
+    let server = cairn_metadata::Server::start(cfg).await?;
+    server.run_until(shutdown_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on the default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn meta_command(cmd: MetaCommand, addrs: &[String], out: &Printer) -> anyhow::Result<()> {
+    let client = MetaClient::new(addrs)?;
+    match cmd {
+        MetaCommand::Run(_) => unreachable!("handled by run"),
+        MetaCommand::AddMember { id, addr } => {
+            let r = client
+                .call(|mut c| {
+                    let addr = addr.clone();
+                    async move { c.add_member(pb::AddMemberRequest { id, addr }).await }
+                })
+                .await?;
+            out.members(&r.members)
+        }
+        MetaCommand::RemoveMember { id } => {
+            let r = client
+                .call(|mut c| async move { c.remove_member(pb::RemoveMemberRequest { id }).await })
+                .await?;
+            out.members(&r.members)
+        }
+        MetaCommand::Members => {
+            // Ask each member itself, so a member that is down or behind shows as such.
+            let mut rows = Vec::new();
+            for addr in addrs {
+                let status = async {
+                    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                        .connect_timeout(std::time::Duration::from_secs(1))
+                        .timeout(std::time::Duration::from_secs(3))
+                        .connect()
+                        .await?;
+                    let r = MetadataClient::new(ch)
+                        .member_status(pb::MemberStatusRequest {})
+                        .await?;
+                    anyhow::Ok(r.into_inner())
+                }
+                .await;
+                rows.push((addr.clone(), status.map_err(|e| output::error_line(&e))));
+            }
+            out.member_statuses(&rows)
+        }
+    }
+}
+
+async fn volume(cmd: VolumeCommand, client: &MetaClient, out: &Printer) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            pool,
+        } => {
+            let size_bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
+            // One id for every retry of this create, so a create that committed before its reply
+            // was lost is not reported as "already exists".
+            let request_id = format!("cli-{:032x}", rand::random::<u128>());
+            let req = pb::CreateVolumeRequest {
+                name,
+                size_bytes,
+                pool: pool.unwrap_or_default(),
+                replicas: replicas.unwrap_or(0),
+                request_id,
+            };
+            let r = client.call(|mut c| {
+                let req = req.clone();
+                async move { c.create_volume(req).await }
+            });
+            out.volume(r.await?.volume.as_ref().context("reply without a volume")?)
+        }
+        VolumeCommand::List => {
+            let r = client
+                .call(|mut c| async move { c.list_volumes(pb::ListVolumesRequest {}).await })
+                .await?;
+            out.volumes(&r.volumes)
+        }
+        VolumeCommand::Info { name } => {
+            let r = client
+                .call(|mut c| {
+                    let volume = name.clone();
+                    async move { c.get_layout(pb::GetLayoutRequest { volume }).await }
+                })
+                .await?;
+            out.layout(&r)
+        }
+        VolumeCommand::Resize { name, size } => {
+            let new_size_bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
+            let r = client
+                .call(|mut c| {
+                    let name = name.clone();
+                    async move {
+                        c.resize_volume(pb::ResizeVolumeRequest {
+                            name,
+                            new_size_bytes,
+                        })
+                        .await
+                    }
+                })
+                .await?;
+            out.volume(r.volume.as_ref().context("reply without a volume")?)
+        }
+        VolumeCommand::Delete { name } => {
+            client
+                .call(|mut c| {
+                    let name = name.clone();
+                    async move { c.delete_volume(pb::DeleteVolumeRequest { name }).await }
+                })
+                .await?;
+            out.done(&format!("deleted volume {name}"))
+        }
+        VolumeCommand::Attach {
+            name,
+            holder,
+            force,
+        } => {
+            let r = client
+                .call(|mut c| {
+                    let (volume, holder) = (name.clone(), holder.clone());
+                    async move {
+                        c.attach(pb::AttachRequest {
+                            volume,
+                            holder,
+                            force,
+                        })
+                        .await
+                    }
+                })
+                .await?;
+            out.volume(r.volume.as_ref().context("reply without a volume")?)
+        }
+        VolumeCommand::Detach {
+            name,
+            holder,
+            generation,
+        } => {
+            client
+                .call(|mut c| {
+                    let (volume, holder) = (name.clone(), holder.clone());
+                    async move {
+                        c.release(pb::ReleaseRequest {
+                            volume,
+                            holder,
+                            generation,
+                        })
+                        .await
+                    }
+                })
+                .await?;
+            out.done(&format!("detached volume {name}"))
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The `cairn` command line, as a library so the binary stays one line.
+//!
+//! - [`args`]: the clap definitions of every command.
+//! - [`commands`]: volume, status and member commands (thin calls to `cairn_client`).
+//! - [`up`]: `cairn up`, the local cluster supervisor, and `cluster.json`.
+//! - [`output`]: aligned tables and `--json`.
+//!
+//! Contract: every user error is one clear `error:` line on stderr and a non-zero exit; `--json`
+//! prints machine-readable output on stdout.
+
+pub mod args;
+pub mod commands;
+pub mod output;
+pub mod up;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command, MetaCommand};
+
+/// Runs the CLI with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let daemon = matches!(
+        cli.command,
+        Command::Up(_)
+            | Command::Meta {
+                command: MetaCommand::Run(_)
+            }
+    );
+    init_tracing(if daemon { "info" } else { "warn" });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", output::error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,264 @@
+//! `cairn up`: a local cluster as separate processes under one data directory.
+//!
+//! It starts the metadata member(s) (and, as they land, storage nodes and the NBD gateway),
+//! writes `<data-dir>/cluster.json` listing each process with the exact command that restarts
+//! it, stays in the foreground, and stops everything cleanly on Ctrl-C or SIGTERM. Run again on
+//! the same data directory, it brings back the same cluster, ports and data.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cairn_client::MetaClient;
+use cairn_proto::metadata as pb;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+
+use crate::args::UpArgs;
+
+/// One process of the local cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessEntry {
+    /// "meta" (later also "node", "nbd").
+    pub role: String,
+    pub id: u64,
+    pub addr: String,
+    /// Set while `cairn up` runs the process; null once it has stopped.
+    pub pid: Option<u32>,
+    /// The exact command line that (re)starts this process.
+    pub command: Vec<String>,
+    pub log: PathBuf,
+}
+
+/// `<data-dir>/cluster.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterFile {
+    pub data_dir: PathBuf,
+    pub processes: Vec<ProcessEntry>,
+}
+
+impl ClusterFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid cluster file", path.display()))
+    }
+
+    /// Writes the file atomically (temporary file, then rename), so a reader never sees half.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    pub fn meta_addrs(&self) -> Vec<String> {
+        self.processes
+            .iter()
+            .filter(|p| p.role == "meta")
+            .map(|p| p.addr.clone())
+            .collect()
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+}
+
+fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> {
+    let path = data_dir.join("cluster.json");
+    if path.exists() {
+        let old = ClusterFile::load(&path)?;
+        if let Some(p) = old.processes.iter().find(|p| p.pid.is_some_and(alive)) {
+            bail!(
+                "a cluster is already running from {} ({} {} has pid {}); stop it first",
+                data_dir.display(),
+                p.role,
+                p.id,
+                p.pid.unwrap_or(0)
+            );
+        }
+        let metas = old.processes.iter().filter(|p| p.role == "meta").count() as u64;
+        if metas != a.meta_replicas && a.meta_replicas != 1 {
+            bail!(
+                "{} holds a cluster with {metas} metadata member(s); --meta-replicas {} cannot change it",
+                data_dir.display(),
+                a.meta_replicas
+            );
+        }
+        // Same processes, same ports, same data.
+        return Ok(ClusterFile {
+            processes: old.processes,
+            ..old
+        });
+    }
+    let n = a.meta_replicas;
+    let addrs: Vec<(u64, String)> = (1..=n)
+        .map(|i| {
+            let port = u64::from(a.base_port) + i;
+            anyhow::ensure!(
+                port <= 65535,
+                "--base-port {} leaves no room for {n} members",
+                a.base_port
+            );
+            Ok((i, format!("127.0.0.1:{port}")))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let peers = addrs
+        .iter()
+        .map(|(i, a)| format!("{i}={a}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let processes = addrs
+        .iter()
+        .map(|(i, addr)| ProcessEntry {
+            role: "meta".into(),
+            id: *i,
+            addr: addr.clone(),
+            pid: None,
+            command: vec![
+                exe.display().to_string(),
+                "meta".into(),
+                "run".into(),
+                "--id".into(),
+                i.to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                data_dir.join(format!("meta-{i}")).display().to_string(),
+                "--peers".into(),
+                peers.clone(),
+            ],
+            log: data_dir.join("logs").join(format!("meta-{i}.log")),
+        })
+        .collect();
+    Ok(ClusterFile {
+        data_dir: data_dir.to_owned(),
+        processes,
+    })
+}
+
+fn spawn(p: &ProcessEntry) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p.log)
+        .with_context(|| format!("opening {}", p.log.display()))?;
+    let mut cmd = Command::new(&p.command[0]);
+    cmd.args(&p.command[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a terminal's Ctrl-C reaches `cairn up` only, which then stops
+        // the cluster in order.
+        .process_group(0)
+        .kill_on_drop(false);
+    cmd.spawn()
+        .with_context(|| format!("starting {} {}", p.role, p.id))
+}
+
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(a.data_dir.join("logs"))
+        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let data_dir = a.data_dir.canonicalize()?;
+    let exe = std::env::current_exe().context("locating the cairn binary")?;
+    let mut file = plan(&a, &data_dir, &exe)?;
+    let path = data_dir.join("cluster.json");
+    let mut children = Vec::new();
+    for p in &mut file.processes {
+        let child = spawn(p)?;
+        p.pid = child.id();
+        children.push(Some(child));
+    }
+    file.save(&path)?;
+
+    let client = MetaClient::new(&file.meta_addrs())?.with_deadline(Duration::from_secs(30));
+    let ready = client
+        .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+        .await;
+    match ready {
+        Ok(s) => {
+            let meta = file.meta_addrs().join(",");
+            println!(
+                "cairn is up: {} metadata member(s) at {meta}, leader {}",
+                s.members.len(),
+                s.leader_id
+            );
+            println!("  data:    {}", data_dir.display());
+            println!("  cluster: {}", path.display());
+            println!("  try:     cairn --meta {meta} volume create vm1 --size 10G");
+            println!("Ctrl-C stops the cluster.");
+        }
+        Err(e) => {
+            eprintln!(
+                "error: the cluster did not come up: {e}; see the logs in {}",
+                data_dir.join("logs").display()
+            );
+            stop(&mut file, &mut children, &path).await?;
+            bail!("cluster failed to start");
+        }
+    }
+
+    let mut signal = Box::pin(crate::commands::shutdown_signal());
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                let mut changed = false;
+                for (p, c) in file.processes.iter_mut().zip(children.iter_mut()) {
+                    if let Some(child) = c {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            eprintln!("warning: {} {} exited ({status}); see {}", p.role, p.id, p.log.display());
+                            *c = None;
+                            p.pid = None;
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    file_changed(&file, &path);
+                }
+            }
+        }
+    }
+    stop(&mut file, &mut children, &path).await?;
+    println!(
+        "cairn stopped; run `cairn up --data-dir {}` to bring it back",
+        data_dir.display()
+    );
+    Ok(())
+}
+
+fn file_changed(file: &ClusterFile, path: &Path) {
+    if let Err(e) = file.save(path) {
+        eprintln!("warning: cannot update {}: {e:#}", path.display());
+    }
+}
+
+/// SIGTERM to every process (clean shutdown), SIGKILL to any still running after 10 s.
+async fn stop(
+    file: &mut ClusterFile,
+    children: &mut [Option<Child>],
+    path: &Path,
+) -> anyhow::Result<()> {
+    for c in children.iter().flatten() {
+        if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    for c in children.iter_mut().flatten() {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
+    }
+    for p in &mut file.processes {
+        p.pid = None;
+    }
+    file.save(path)
+}
