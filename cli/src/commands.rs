@@ -88,6 +88,7 @@ async fn meta_run(a: MetaRunArgs) -> anyhow::Result<()> {
         }
     };
     let cfg: MetaConfig = file.parse_and_validate().map_err(anyhow::Error::msg)?;
+    cairn_metadata::failpoints::setup_from_env();
     let server = cairn_metadata::Server::start(cfg).await?;
     server.run_until(shutdown_signal()).await
 }

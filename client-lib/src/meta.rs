@@ -120,20 +120,19 @@ impl MetaClient {
                     *self.leader.lock().expect("leader lock") = Some((addr, ch));
                     return Ok(r.into_inner());
                 }
-                Err(s) if s.code() == Code::Unavailable => {
+                Err(s) if retryable(&s) => {
                     let hint = s
                         .metadata()
                         .get(LEADER_ADDR_KEY)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     last = format!("{addr}: {}", s.message());
-                    let mut leader = self.leader.lock().expect("leader lock");
-                    match hint {
-                        Some(h) if h != addr => *leader = Some((h.clone(), self.channel_for(&h)?)),
-                        _ => *leader = None,
-                    }
-                    let redirected = leader.is_some();
-                    drop(leader);
+                    let next_leader = match hint {
+                        Some(h) if h != addr => Some((h.clone(), self.channel_for(&h)?)),
+                        _ => None,
+                    };
+                    let redirected = next_leader.is_some();
+                    *self.leader.lock().expect("leader lock") = next_leader;
                     if start.elapsed() >= self.deadline {
                         return Err(MetaClientError::NoLeader {
                             waited: start.elapsed(),
@@ -165,4 +164,15 @@ impl MetaClient {
             None => channel(addr),
         }
     }
+}
+
+/// Whether a failed call may be sent again, to the same or another member. UNAVAILABLE is how
+/// members refuse (not the leader, shutting down, outcome unknown). A connection that breaks
+/// mid-call surfaces as UNKNOWN, CANCELLED or DEADLINE_EXCEEDED from the transport; the
+/// server itself never answers with those codes.
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
 }

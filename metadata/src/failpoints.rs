@@ -39,3 +39,23 @@ macro_rules! crash_point {
     }};
 }
 pub(crate) use crash_point;
+
+/// Configures failpoints from the `FAILPOINTS` environment variable (`name=action;…`), in
+/// builds with the `failpoints` feature; does nothing otherwise.
+pub fn setup_from_env() {
+    #[cfg(feature = "failpoints")]
+    {
+        if let Ok(spec) = std::env::var("FAILPOINTS") {
+            for item in spec.split(';').filter(|s| !s.trim().is_empty()) {
+                match item.split_once('=') {
+                    Some((name, actions)) if ALL.contains(&name.trim()) => {
+                        if let Err(e) = fail::cfg(name.trim(), actions.trim()) {
+                            tracing::error!(name, error = %e, "bad failpoint action in FAILPOINTS");
+                        }
+                    }
+                    _ => tracing::error!(item, "unknown failpoint in FAILPOINTS"),
+                }
+            }
+        }
+    }
+}

@@ -122,7 +122,19 @@ impl Server {
         );
         let raft_thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
-            .spawn(move || lp.run())?;
+            .spawn({
+                let status = status.clone();
+                move || {
+                    // A panic in raft-rs (a broken invariant) poisons the member like a storage
+                    // failure does, so the process exits instead of serving stale answers.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lp.run()));
+                    r.unwrap_or_else(|_| {
+                        let e = anyhow::anyhow!("raft loop panicked");
+                        status.lock().expect("status lock").poisoned = Some(e.to_string());
+                        Err(e)
+                    })
+                }
+            })?;
 
         let handle = RaftHandle {
             tx: raft_tx.clone(),

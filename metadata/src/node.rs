@@ -215,7 +215,23 @@ impl RaftLoop {
                 self.reads_waiting.insert(ctx, reply);
             }
             Msg::Raft(msgs) => {
-                for msg in msgs {
+                for mut msg in msgs {
+                    let last = self.node.raft.raft_log.last_index();
+                    if msg.get_msg_type() == MessageType::MsgHeartbeat && msg.commit > last {
+                        // The leader believes we hold entries we do not have: this member's
+                        // data was lost while it stayed in the configuration. raft-rs would
+                        // panic; refuse to pretend instead, and say how to recover.
+                        tracing::error!(
+                            leader_commit = msg.commit,
+                            last_index = last,
+                            "this member has lost log entries the cluster believes it holds; \
+                             recover with `cairn meta remove-member --id {id}` then \
+                             `cairn meta add-member --id {id} --addr ADDR`, and restart it \
+                             with --join",
+                            id = self.node.raft.id
+                        );
+                        msg.commit = last;
+                    }
                     if let Err(e) = self.node.step(msg) {
                         tracing::debug!(error = %e, "dropping raft message");
                     }

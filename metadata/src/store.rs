@@ -36,6 +36,11 @@ const K_APPLIED: &[u8] = b"~applied";
 const K_CONF_STATE: &[u8] = b"~conf_state";
 const K_SNAPSHOTS_INSTALLED: &[u8] = b"~snapshots_installed";
 
+/// Where a bootstrapped cluster's log begins (the entries before it never existed); see
+/// [`RaftStore::bootstrap`].
+pub const BOOTSTRAP_INDEX: u64 = 5;
+pub const BOOTSTRAP_TERM: u64 = 5;
+
 /// On-disk format of the metadata store. Bump on incompatible change; older stores are refused
 /// with a clear message rather than misread.
 pub const FORMAT_VERSION: u64 = 1;
@@ -188,9 +193,36 @@ impl RaftStore {
             }
         }
         self.conf_state = cs;
+        // The initial state counts as applied at BOOTSTRAP_INDEX, and the log starts after it,
+        // as if compacted there. A member that joins later (empty log) therefore cannot be fed
+        // from index 1, which would replay a history without the initial configuration: it
+        // must begin with a snapshot, which carries the configuration and state.
+        let (index, term) = (BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
+        let raft_cf = self.cf(CF_RAFT);
+        let mut hs = HardState::default();
+        hs.term = term;
+        hs.commit = index;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(raft_cf, K_TRUNCATED, serde_json::to_vec(&(index, term))?);
+        batch.put_cf(raft_cf, K_HARD_STATE, hs.write_to_bytes()?);
+        let sm = self.cf(CF_SM);
+        for w in &writes {
+            batch.put_cf(
+                sm,
+                &w.key,
+                w.value.as_deref().expect("bootstrap writes are puts"),
+            );
+        }
+        batch.put_cf(sm, K_APPLIED, serde_json::to_vec(&(index, term))?);
+        batch.put_cf(sm, K_CONF_STATE, self.conf_state.write_to_bytes()?);
         // After this synced write the member knows its initial configuration; a crash before it
         // leaves a fresh store, which bootstraps again the same way.
-        self.apply_writes(&writes, 0, 0, true, true)
+        self.write(batch, true)?;
+        self.hard_state = hs;
+        self.truncated = (index, term);
+        self.last_index = index;
+        self.applied = (index, term);
+        Ok(())
     }
 
     /// Persists new log entries (replacing any conflicting suffix) and the hard state, synced.
@@ -513,10 +545,10 @@ mod tests {
         let mut a = RaftStore::open(a_dir.path()).unwrap();
         a.bootstrap(&[(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())])
             .unwrap();
-        a.persist(&(1..=3).map(|i| entry(i, 1)).collect::<Vec<_>>(), None)
+        a.persist(&(6..=8).map(|i| entry(i, 6)).collect::<Vec<_>>(), None)
             .unwrap();
-        a.apply_writes(&[], 3, 1, false, false).unwrap();
-        let snap = a.snapshot(3, 2).unwrap();
+        a.apply_writes(&[], 8, 6, false, false).unwrap();
+        let snap = a.snapshot(8, 2).unwrap();
         let digest = a.state().read().unwrap().digest();
         {
             let mut b = RaftStore::open(b_dir.path()).unwrap();
@@ -525,12 +557,12 @@ mod tests {
         }
         let b = RaftStore::open(b_dir.path()).unwrap();
         assert_eq!(b.state().read().unwrap().digest(), digest);
-        assert_eq!(b.first_index(), 4);
-        assert_eq!(b.applied(), 3);
+        assert_eq!(b.first_index(), 9);
+        assert_eq!(b.applied(), 8);
         assert_eq!(b.snapshots_installed(), 1);
         assert_eq!(b.initial_state().unwrap().conf_state.voters, vec![1, 2]);
         assert!(matches!(
-            a.snapshot(4, 2),
+            a.snapshot(9, 2),
             Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable
             ))

@@ -1,0 +1,279 @@
+//! Test harness: metadata clusters of real `cairn meta run` processes on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_client::MetaClient;
+use cairn_proto::metadata as pb;
+use cairn_proto::metadata::metadata_client::MetadataClient;
+
+pub const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
+
+/// Free TCP ports on 127.0.0.1 (bound, then released: the window for a clash is small).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+pub struct MetaCluster {
+    pub tmp: tempfile::TempDir,
+    pub members: BTreeMap<u64, Member>,
+    pub peers: String,
+}
+
+impl MetaCluster {
+    /// Starts `n` members; `extra` flags go to every `cairn meta run`.
+    pub fn start(n: u64, extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let ports = free_ports(usize::try_from(n).unwrap());
+        let peers: Vec<String> = (1..=n)
+            .map(|i| format!("{i}=127.0.0.1:{}", ports[(i - 1) as usize]))
+            .collect();
+        let mut c = MetaCluster {
+            members: BTreeMap::new(),
+            peers: peers.join(","),
+            tmp,
+        };
+        for i in 1..=n {
+            let m = Member {
+                id: i,
+                addr: format!("127.0.0.1:{}", ports[(i - 1) as usize]),
+                dir: c.tmp.path().join(format!("meta-{i}")),
+                child: None,
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            c.members.insert(i, m);
+            c.spawn(i, false, &[]);
+        }
+        c
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.members.values().map(|m| m.addr.clone()).collect()
+    }
+
+    /// Starts member `id` (again). `join`: as a member joining an existing cluster.
+    pub fn spawn(&mut self, id: u64, join: bool, env: &[(&str, &str)]) {
+        let peers = self.peers.clone();
+        let m = self.members.get_mut(&id).unwrap();
+        assert!(m.child.is_none(), "member {id} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{}.log", m.dir.display()))
+            .unwrap();
+        let mut cmd = Command::new(CAIRN);
+        cmd.args([
+            "meta",
+            "run",
+            "--id",
+            &id.to_string(),
+            "--listen",
+            &m.addr,
+            "--data-dir",
+        ])
+        .arg(&m.dir)
+        .args(["--peers", &peers])
+        .args(&m.extra)
+        .env("CAIRN_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        if join {
+            cmd.arg("--join");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        m.child = Some(cmd.spawn().expect("spawning cairn meta run"));
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: u64) {
+        let m = self.members.get_mut(&id).unwrap();
+        if let Some(mut c) = m.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self, id: u64) {
+        let m = self.members.get_mut(&id).unwrap();
+        if let Some(mut c) = m.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if c.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "member {id} did not stop on SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Waits for member `id`'s process to exit on its own (a failpoint crash); returns whether
+    /// it did within `timeout`.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> bool {
+        let m = self.members.get_mut(&id).unwrap();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = m.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    m.child = None;
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn wipe(&mut self, id: u64) {
+        let m = &self.members[&id];
+        assert!(m.child.is_none());
+        std::fs::remove_dir_all(&m.dir).unwrap();
+    }
+
+    pub fn client(&self) -> MetaClient {
+        MetaClient::new(&self.addrs())
+            .unwrap()
+            .with_deadline(Duration::from_secs(30))
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(format!("{}.log", self.members[&id].dir.display()))
+            .unwrap_or_default()
+    }
+
+    /// Each member's own status, `None` where it does not answer.
+    pub async fn statuses(&self) -> BTreeMap<u64, Option<pb::MemberStatusResponse>> {
+        let mut out = BTreeMap::new();
+        for (id, m) in &self.members {
+            out.insert(*id, member_status(&m.addr).await);
+        }
+        out
+    }
+
+    /// Waits until some member reports itself leader; returns its id.
+    pub async fn leader(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for (id, s) in self.statuses().await {
+                if s.is_some_and(|s| s.role == "leader") {
+                    return id;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every running member has applied the same index with the same digest.
+    pub async fn converged(&self, timeout: Duration) -> pb::MemberStatusResponse {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running: Vec<u64> = self
+                .members
+                .values()
+                .filter(|m| m.child.is_some())
+                .map(|m| m.id)
+                .collect();
+            let st = self.statuses().await;
+            let answers: Vec<&pb::MemberStatusResponse> =
+                running.iter().filter_map(|id| st[id].as_ref()).collect();
+            if answers.len() == running.len()
+                && answers.windows(2).all(|w| {
+                    w[0].applied_index == w[1].applied_index
+                        && w[0].state_digest == w[1].state_digest
+                })
+                && answers
+                    .first()
+                    .is_some_and(|a| a.applied_index == a.commit_index)
+            {
+                return answers[0].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members did not converge: {st:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for MetaCluster {
+    fn drop(&mut self) {
+        for m in self.members.values_mut() {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+pub async fn member_status(addr: &str) -> Option<pb::MemberStatusResponse> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    MetadataClient::new(ch)
+        .member_status(pb::MemberStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Creates a volume through the leader-following client, retrying with the same request id
+/// until the outcome is known. `Ok(true)`: acknowledged.
+pub async fn create_volume(
+    c: &MetaClient,
+    name: &str,
+    request_id: &str,
+) -> Result<pb::Volume, cairn_client::MetaClientError> {
+    let req = pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: 1 << 30,
+        pool: String::new(),
+        replicas: 0,
+        request_id: request_id.into(),
+    };
+    c.call(|mut cl| {
+        let req = req.clone();
+        async move { cl.create_volume(req).await }
+    })
+    .await
+    .map(|r| r.volume.expect("create answers with the volume"))
+}
+
+pub async fn list_names(c: &MetaClient) -> Vec<String> {
+    let r = c
+        .call(|mut cl| async move { cl.list_volumes(pb::ListVolumesRequest {}).await })
+        .await
+        .unwrap();
+    r.volumes.into_iter().map(|v| v.name).collect()
+}
