@@ -130,6 +130,13 @@ impl RaftStore {
             Some(b) => serde_json::from_slice(&b)?,
             None => 0,
         };
+        let mut hard_state = hard_state;
+        if applied.0 > hard_state.commit {
+            // A crash between writing an apply batch and the hard state that carried the new
+            // commit index. Only committed entries are applied, so the commit index is at least
+            // the applied one; lowering `applied` instead would apply entries twice.
+            hard_state.commit = applied.0;
+        }
         let records: Vec<(Box<[u8]>, Box<[u8]>)> = db
             .iterator_cf(sm_cf, IteratorMode::Start)
             .collect::<Result<_, _>>()?;
@@ -534,6 +541,25 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// After a crash that left an apply batch on disk but not the hard state with the newer
+    /// commit index, the store reopens with commit raised to the applied index.
+    #[test]
+    fn applied_ahead_of_commit_after_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = RaftStore::open(dir.path()).unwrap();
+            let mut hs = HardState::default();
+            hs.term = 1;
+            hs.commit = 2;
+            s.persist(&(1..=4).map(|i| entry(i, 1)).collect::<Vec<_>>(), Some(&hs))
+                .unwrap();
+            s.apply_writes(&[], 4, 1, false, false).unwrap();
+        }
+        let s = RaftStore::open(dir.path()).unwrap();
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 4);
+        assert_eq!(s.applied(), 4);
     }
 
     /// A snapshot taken from one store installs into a fresh one: same state, same digest,

@@ -213,10 +213,19 @@ impl MetaCluster {
             {
                 return answers[0].clone();
             }
-            assert!(
-                Instant::now() < deadline,
-                "members did not converge: {st:#?}"
-            );
+            if Instant::now() >= deadline {
+                let silent: String = st
+                    .iter()
+                    .filter(|(id, s)| s.is_none() && running.contains(id))
+                    .map(|(id, _)| {
+                        let log = self.log(*id);
+                        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        format!("--- member {id} log tail ---\n{}\n", tail.join("\n"))
+                    })
+                    .collect();
+                panic!("members did not converge: {st:#?}\n{silent}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
