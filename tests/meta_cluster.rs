@@ -286,6 +286,20 @@ fn cairn_up_restarts_the_same_cluster() {
         );
     }
 
+    // The data directory holds a 3-member cluster: asking for another shape is refused.
+    let o = cairn(
+        &[
+            "up",
+            "--meta-replicas",
+            "5",
+            "--base-port",
+            &base.to_string(),
+        ],
+        tmp.path(),
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot change it"));
+
     let (up, _out) = start();
     let o = cairn(&["volume", "list", "--json"], tmp.path());
     assert!(o.status.success());

@@ -42,9 +42,10 @@ pub struct UpArgs {
     /// Where every process keeps its data, logs and cluster.json.
     #[arg(long, default_value = "./cairn-data")]
     pub data_dir: PathBuf,
-    /// Number of metadata members: 1, 3 or 5.
-    #[arg(long, default_value_t = 1, value_parser = parse_replicas)]
-    pub meta_replicas: u64,
+    /// Number of metadata members: 1, 3 or 5 (default 1; on a re-run, what the data
+    /// directory already holds).
+    #[arg(long, value_parser = parse_replicas)]
+    pub meta_replicas: Option<u64>,
     /// First TCP port; metadata members listen on BASE+1, BASE+2, …
     #[arg(long, default_value_t = 7100)]
     pub base_port: u16,

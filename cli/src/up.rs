@@ -82,11 +82,11 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
             );
         }
         let metas = old.processes.iter().filter(|p| p.role == "meta").count() as u64;
-        if metas != a.meta_replicas && a.meta_replicas != 1 {
+        if let Some(asked) = a.meta_replicas.filter(|&n| n != metas) {
             bail!(
-                "{} holds a cluster with {metas} metadata member(s); --meta-replicas {} cannot change it",
+                "{} holds a cluster with {metas} metadata member(s); --meta-replicas {asked} cannot \
+                 change it (use `cairn meta add-member` / `remove-member`)",
                 data_dir.display(),
-                a.meta_replicas
             );
         }
         // Same processes, same ports, same data.
@@ -95,7 +95,7 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
             ..old
         });
     }
-    let n = a.meta_replicas;
+    let n = a.meta_replicas.unwrap_or(1);
     let addrs: Vec<(u64, String)> = (1..=n)
         .map(|i| {
             let port = u64::from(a.base_port) + i;

@@ -147,7 +147,7 @@ impl MetaClient {
                     }
                     if !redirected {
                         // Wait only after a full round of members without an answer.
-                        if next % self.members.len() == 0 {
+                        if next.is_multiple_of(self.members.len()) {
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_millis(500));
                         }

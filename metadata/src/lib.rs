@@ -156,7 +156,17 @@ impl Server {
                 .max_decoding_message_size(transport::MAX_RAFT_RPC),
             );
         let serve = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Without TCP_NODELAY, replies written in pieces wait on the peer's delayed ACK
+            // (~40 ms) whenever several requests are in flight on one connection.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                },
+            );
             router
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = shutdown_rx.await;

@@ -45,6 +45,9 @@ pub const BOOTSTRAP_TERM: u64 = 5;
 /// with a clear message rather than misread.
 pub const FORMAT_VERSION: u64 = 1;
 
+/// A raw RocksDB key-value pair.
+type KvPair = (Box<[u8]>, Box<[u8]>);
+
 fn entry_key(index: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = b'e';
@@ -137,7 +140,7 @@ impl RaftStore {
             // the applied one; lowering `applied` instead would apply entries twice.
             hard_state.commit = applied.0;
         }
-        let records: Vec<(Box<[u8]>, Box<[u8]>)> = db
+        let records: Vec<KvPair> = db
             .iterator_cf(sm_cf, IteratorMode::Start)
             .collect::<Result<_, _>>()?;
         let state = ClusterState::from_records(records.iter().map(|(k, v)| (&k[..], &v[..])))
@@ -190,8 +193,10 @@ impl RaftStore {
 
     /// Bootstraps a fresh store as a member of a new cluster with these voters and addresses.
     pub fn bootstrap(&mut self, voters: &[(u64, String)]) -> anyhow::Result<()> {
-        let mut cs = ConfState::default();
-        cs.voters = voters.iter().map(|(id, _)| *id).collect();
+        let cs = ConfState {
+            voters: voters.iter().map(|(id, _)| *id).collect(),
+            ..Default::default()
+        };
         let mut writes = Vec::new();
         {
             let mut st = self.state.write().expect("state lock poisoned");
@@ -206,9 +211,11 @@ impl RaftStore {
         // must begin with a snapshot, which carries the configuration and state.
         let (index, term) = (BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
         let raft_cf = self.cf(CF_RAFT);
-        let mut hs = HardState::default();
-        hs.term = term;
-        hs.commit = index;
+        let hs = HardState {
+            term,
+            commit: index,
+            ..Default::default()
+        };
         let mut batch = WriteBatch::default();
         batch.put_cf(raft_cf, K_TRUNCATED, serde_json::to_vec(&(index, term))?);
         batch.put_cf(raft_cf, K_HARD_STATE, hs.write_to_bytes()?);
@@ -453,8 +460,10 @@ impl raft::Storage for RaftStore {
             format_version: FORMAT_VERSION,
             state,
         };
-        let mut snap = Snapshot::default();
-        snap.data = serde_json::to_vec(&body).map_err(storage_err)?.into();
+        let mut snap = Snapshot {
+            data: serde_json::to_vec(&body).map_err(storage_err)?.into(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = self.applied.0;
         meta.term = self.applied.1;
@@ -469,11 +478,12 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("e{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     /// Log entries and hard state survive a reopen; a conflicting append replaces the suffix.
@@ -484,9 +494,11 @@ mod tests {
             let mut s = RaftStore::open(dir.path()).unwrap();
             assert!(s.is_fresh());
             let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.commit = 3;
+            let hs = HardState {
+                term: 2,
+                commit: 3,
+                ..Default::default()
+            };
             s.persist(&ents, Some(&hs)).unwrap();
             s.persist(&[entry(4, 2)], None).unwrap();
             assert_eq!(s.last_index().unwrap(), 4);
@@ -550,9 +562,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = RaftStore::open(dir.path()).unwrap();
-            let mut hs = HardState::default();
-            hs.term = 1;
-            hs.commit = 2;
+            let hs = HardState {
+                term: 1,
+                commit: 2,
+                ..Default::default()
+            };
             s.persist(&(1..=4).map(|i| entry(i, 1)).collect::<Vec<_>>(), Some(&hs))
                 .unwrap();
             s.apply_writes(&[], 4, 1, false, false).unwrap();

@@ -137,7 +137,7 @@ impl TryFrom<u64> for VolumeSize {
         if size == 0 {
             return err("a volume cannot be empty".into());
         }
-        if size % BLOCK_SIZE != 0 {
+        if !size.is_multiple_of(BLOCK_SIZE) {
             return err(format!(
                 "it must be a multiple of the {BLOCK_SIZE}-byte block size"
             ));
