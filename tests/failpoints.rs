@@ -163,29 +163,13 @@ async fn rejoining_member_before_snapshot_install() {
     let mut acked = BTreeSet::new();
     cluster.kill(victim);
     cluster.wipe(victim);
-    client
-        .call(|mut c| async move {
-            c.remove_member(pb::RemoveMemberRequest { id: victim })
-                .await
-        })
-        .await
-        .unwrap();
+    remove_member(&client, victim).await;
     for i in 0..30 {
         let n = format!("v{i}");
         create_volume(&client, &n, &n).await.unwrap();
         acked.insert(n);
     }
-    let addr = cluster.members[&victim].addr.clone();
-    client
-        .call(|mut c| {
-            let addr = addr.clone();
-            async move {
-                c.add_member(pb::AddMemberRequest { id: victim, addr })
-                    .await
-            }
-        })
-        .await
-        .unwrap();
+    add_member(&client, victim, &cluster.members[&victim].addr).await;
     let spec = format!("{}=return", fp::BEFORE_SNAPSHOT_INSTALL);
     cluster.spawn(victim, true, &[("FAILPOINTS", &spec)]);
     assert!(

@@ -106,29 +106,13 @@ async fn wiped_member_catches_up_through_snapshot() {
     cluster.wipe(victim);
     // A member that lost its log must not keep its raft progress: remove it, and add it back
     // once its replacement is ready (raft thesis §4.1; etcd's runtime-reconfiguration guide).
-    client
-        .call(|mut c| async move {
-            c.remove_member(pb::RemoveMemberRequest { id: victim })
-                .await
-        })
-        .await
-        .unwrap();
+    remove_member(&client, victim).await;
     for i in 0..60 {
         create_volume(&client, &format!("late-{i}"), "")
             .await
             .unwrap();
     }
-    let addr = cluster.members[&victim].addr.clone();
-    client
-        .call(|mut c| {
-            let addr = addr.clone();
-            async move {
-                c.add_member(pb::AddMemberRequest { id: victim, addr })
-                    .await
-            }
-        })
-        .await
-        .unwrap();
+    add_member(&client, victim, &cluster.members[&victim].addr).await;
     let leader_status = member_status(&cluster.members[&leader].addr).await.unwrap();
     assert!(
         leader_status.first_log_index > 12,
@@ -165,14 +149,8 @@ async fn add_and_remove_members() {
     let ports = free_ports(2);
     for (k, id) in [4u64, 5].into_iter().enumerate() {
         let addr = format!("127.0.0.1:{}", ports[k]);
-        let r = client
-            .call(|mut c| {
-                let addr = addr.clone();
-                async move { c.add_member(pb::AddMemberRequest { id, addr }).await }
-            })
-            .await
-            .unwrap();
-        assert!(r.members.iter().any(|m| m.id == id));
+        let members = add_member(&client, id, &addr).await;
+        assert!(members.iter().any(|m| m.id == id));
         cluster.peers = format!("{},{id}={addr}", cluster.peers);
         cluster.members.insert(
             id,
@@ -201,10 +179,7 @@ async fn add_and_remove_members() {
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
 
     for id in [1u64, 2] {
-        client
-            .call(|mut c| async move { c.remove_member(pb::RemoveMemberRequest { id }).await })
-            .await
-            .unwrap();
+        remove_member(&client, id).await;
         cluster.kill(id);
         cluster.members.remove(&id);
     }

@@ -286,3 +286,21 @@ pub async fn list_names(c: &MetaClient) -> Vec<String> {
         .unwrap();
     r.volumes.into_iter().map(|v| v.name).collect()
 }
+
+/// Adds a metadata member through the leader.
+pub async fn add_member(c: &MetaClient, id: u64, addr: &str) -> Vec<pb::Member> {
+    c.call(|mut cl| {
+        let addr = addr.to_owned();
+        async move { cl.add_member(pb::AddMemberRequest { id, addr }).await }
+    })
+    .await
+    .unwrap()
+    .members
+}
+
+/// Removes a metadata member through the leader.
+pub async fn remove_member(c: &MetaClient, id: u64) {
+    c.call(|mut cl| async move { cl.remove_member(pb::RemoveMemberRequest { id }).await })
+        .await
+        .unwrap();
+}
