@@ -1,0 +1,257 @@
+//! Raw positioned I/O on a disk file or block device, below the chunk logic: O_DIRECT where the
+//! filesystem allows it, aligned buffers, and a group-committed `fdatasync`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Alignment of every buffer and offset handed to O_DIRECT I/O.
+pub const IO_ALIGN: usize = 4096;
+
+/// A zeroed buffer aligned to [`IO_ALIGN`], as O_DIRECT requires.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads through `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(IO_ALIGN), IO_ALIGN).expect("valid layout")
+    }
+
+    pub fn zeroed(len: usize) -> Self {
+        // SAFETY: the layout has a non-zero size (at least IO_ALIGN).
+        let ptr = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        let ptr = std::ptr::NonNull::new(ptr)
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len)));
+        Self { ptr, len }
+    }
+
+    pub fn copy_from(data: &[u8]) -> Self {
+        let mut b = Self::zeroed(data.len());
+        b.as_mut().copy_from_slice(data);
+        b
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: ptr points to `len` initialised (zeroed or written) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsMut<[u8]> for AlignedBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_ref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+/// A disk opened for positioned I/O.
+pub struct DiskFile {
+    file: Arc<File>,
+    pub direct: bool,
+    poisoned: AtomicBool,
+    sync: SyncGroup,
+}
+
+impl DiskFile {
+    /// Opens `path` with O_DIRECT; where the filesystem refuses it (tmpfs on old kernels,
+    /// some FUSE filesystems) falls back to buffered I/O with one warning — every write is
+    /// still followed by fdatasync before it is acknowledged.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let direct = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path);
+        let (file, direct) = match direct {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(path = %path.display(), "O_DIRECT unsupported here; using buffered I/O + fdatasync");
+                (OpenOptions::new().read(true).write(true).open(path)?, false)
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            file: Arc::new(file),
+            direct,
+            poisoned: AtomicBool::new(false),
+            sync: SyncGroup::default(),
+        })
+    }
+
+    pub fn size(&self) -> io::Result<u64> {
+        let m = self.file.metadata()?;
+        if m.file_type().is_file() {
+            return Ok(m.len());
+        }
+        // A block device: its size is where a seek to the end lands.
+        use std::io::Seek;
+        let mut f = self.file.as_ref();
+        f.seek(std::io::SeekFrom::End(0))
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = AlignedBuf::zeroed(len);
+            file.read_exact_at(buf.as_mut(), offset)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Writes `data` at `offset`. Not durable until [`DiskFile::sync`] returns.
+    pub async fn write_at(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        let file = self.file.clone();
+        let direct = self.direct;
+        tokio::task::spawn_blocking(move || {
+            if direct && !(data.as_ptr() as usize).is_multiple_of(IO_ALIGN) {
+                let buf = AlignedBuf::copy_from(&data);
+                file.write_all_at(buf.as_ref(), offset)
+            } else {
+                file.write_all_at(&data, offset)
+            }
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Makes every write completed before this call durable. Concurrent callers share one
+    /// fdatasync (group commit). A failed fdatasync poisons the file for good: after it, the
+    /// kernel may have dropped dirty pages, and retrying could report success over lost data.
+    pub async fn sync(&self) -> io::Result<()> {
+        if self.is_poisoned() {
+            return Err(io::Error::other("disk poisoned by an earlier failed sync"));
+        }
+        let file = self.file.clone();
+        let r = self
+            .sync
+            .run(move || {
+                let f = file.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || f.sync_data())
+                        .await
+                        .map_err(io::Error::other)?
+                }
+            })
+            .await;
+        if r.is_err() {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Gives the space of a byte range back to the filesystem (file-backed disks). Best
+    /// effort: where hole punching is unsupported the range stays allocated but unmapped.
+    pub fn punch_hole(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
+        let _ = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+    }
+}
+
+/// Group commit for an expensive idempotent operation (a sync): a caller's request is covered
+/// by the first run that *starts* after it arrives; callers arriving while a run is in flight
+/// share the next one.
+#[derive(Default)]
+pub struct SyncGroup {
+    state: Mutex<SyncState>,
+    done: Notify,
+}
+
+#[derive(Default)]
+struct SyncState {
+    requested: u64,
+    completed: u64,
+    running: bool,
+    last_error: Option<(u64, String)>,
+}
+
+impl SyncGroup {
+    pub async fn run<F, Fut>(&self, op: F) -> io::Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = io::Result<()>>,
+    {
+        let ticket = {
+            let mut s = self.state.lock().expect("sync lock");
+            s.requested += 1;
+            s.requested
+        };
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let target = {
+                let mut s = self.state.lock().expect("sync lock");
+                if s.completed >= ticket {
+                    return match &s.last_error {
+                        Some((at, e)) if *at >= ticket => Err(io::Error::other(e.clone())),
+                        _ => Ok(()),
+                    };
+                }
+                if s.running {
+                    None
+                } else {
+                    s.running = true;
+                    Some(s.requested)
+                }
+            };
+            match target {
+                None => notified.await,
+                Some(target) => {
+                    let r = op().await;
+                    let mut s = self.state.lock().expect("sync lock");
+                    s.running = false;
+                    s.completed = target;
+                    if let Err(e) = &r {
+                        s.last_error = Some((target, e.to_string()));
+                    }
+                    drop(s);
+                    self.done.notify_waiters();
+                    return r;
+                }
+            }
+        }
+    }
+}
