@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use super::index::{Index, Intent, Op};
-use super::io::DiskFile;
+use super::io::{DiskFile, IoKind};
 use super::*;
 use crate::format::{Superblock, SUPERBLOCK_SIZE};
 
@@ -82,7 +82,12 @@ impl DiskEngine {
     /// Opens a Cairn disk, formatting it first if it has never been one (all-zero superblock
     /// area). A disk with a damaged or foreign superblock is refused, never reformatted.
     pub async fn open(disk: &Path, index_dir: &Path) -> anyhow::Result<Self> {
-        let file = DiskFile::open(disk)
+        Self::open_with(disk, index_dir, IoKind::Auto).await
+    }
+
+    /// [`DiskEngine::open`] with a chosen I/O backend.
+    pub async fn open_with(disk: &Path, index_dir: &Path, kind: IoKind) -> anyhow::Result<Self> {
+        let file = DiskFile::open(disk, kind)
             .map_err(|e| anyhow::anyhow!("opening disk {}: {e}", disk.display()))?;
         let head = file.read_at(0, SUPERBLOCK_SIZE).await?;
         let sb = match Superblock::decode(head.as_ref()) {
@@ -118,6 +123,11 @@ impl DiskEngine {
         };
         engine.load_and_recover().await?;
         Ok(engine)
+    }
+
+    /// Whether I/O goes through io_uring.
+    pub fn uses_uring(&self) -> bool {
+        self.file.uses_uring()
     }
 
     /// Whether the disk is opened with O_DIRECT (false only where the filesystem refused it).

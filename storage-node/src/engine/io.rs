@@ -70,8 +70,19 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Which I/O backend a disk uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    /// io_uring where the kernel allows it, else pread/pwrite with one logged warning.
+    Auto,
+    Uring,
+    Sync,
+}
+
 /// A disk opened for positioned I/O.
 pub struct DiskFile {
+    // Declared before `file` so the ring (and its thread, which uses the fd) stops first.
+    ring: Option<super::uring::Ring>,
     file: Arc<File>,
     pub direct: bool,
     poisoned: AtomicBool,
@@ -82,7 +93,7 @@ impl DiskFile {
     /// Opens `path` with O_DIRECT; where the filesystem refuses it (tmpfs on old kernels,
     /// some FUSE filesystems) falls back to buffered I/O with one warning — every write is
     /// still followed by fdatasync before it is acknowledged.
-    pub fn open(path: &Path) -> io::Result<Self> {
+    pub fn open(path: &Path, kind: IoKind) -> io::Result<Self> {
         let direct = OpenOptions::new()
             .read(true)
             .write(true)
@@ -96,12 +107,30 @@ impl DiskFile {
             }
             Err(e) => return Err(e),
         };
+        let file = Arc::new(file);
+        let ring = match kind {
+            IoKind::Sync => None,
+            IoKind::Uring => Some(super::uring::Ring::new(file.clone())?),
+            IoKind::Auto => match super::uring::Ring::new(file.clone()) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "io_uring unavailable; using pread/pwrite");
+                    None
+                }
+            },
+        };
         Ok(Self {
-            file: Arc::new(file),
+            ring,
+            file,
             direct,
             poisoned: AtomicBool::new(false),
             sync: SyncGroup::default(),
         })
+    }
+
+    /// Whether I/O goes through io_uring.
+    pub fn uses_uring(&self) -> bool {
+        self.ring.is_some()
     }
 
     pub fn size(&self) -> io::Result<u64> {
@@ -120,6 +149,9 @@ impl DiskFile {
     }
 
     pub async fn read_at(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        if let Some(r) = &self.ring {
+            return r.read(offset, len).await;
+        }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || {
             let mut buf = AlignedBuf::zeroed(len);
@@ -132,6 +164,9 @@ impl DiskFile {
 
     /// Writes `data` at `offset`. Not durable until [`DiskFile::sync`] returns.
     pub async fn write_at(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        if let Some(r) = &self.ring {
+            return r.write(offset, data).await;
+        }
         let file = self.file.clone();
         let direct = self.direct;
         tokio::task::spawn_blocking(move || {
@@ -154,14 +189,18 @@ impl DiskFile {
             return Err(io::Error::other("disk poisoned by an earlier failed sync"));
         }
         let file = self.file.clone();
+        let ring = self.ring.as_ref();
         let r = self
             .sync
             .run(move || {
                 let f = file.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || f.sync_data())
-                        .await
-                        .map_err(io::Error::other)?
+                    match ring {
+                        Some(r) => r.fdatasync().await,
+                        None => tokio::task::spawn_blocking(move || f.sync_data())
+                            .await
+                            .map_err(io::Error::other)?,
+                    }
                 }
             })
             .await;

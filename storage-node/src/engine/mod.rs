@@ -17,6 +17,7 @@ pub mod disk;
 pub mod index;
 pub mod io;
 pub mod mem;
+pub mod uring;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
