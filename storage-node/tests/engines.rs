@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use cairn_storage_node::engine::conformance::{self, Harness};
 use cairn_storage_node::engine::disk::DiskEngine;
+use cairn_storage_node::engine::fault::{Domain, Fault, FaultEngine, FaultKind, FaultOp, Stage};
 use cairn_storage_node::engine::io::IoKind;
 use cairn_storage_node::engine::mem::MemEngine;
 use cairn_storage_node::engine::{ChunkEngine, ChunkId, EngineError, BLOCK_SIZE, CHUNK_SIZE};
@@ -100,6 +101,113 @@ fn make_disk(kind: IoKind) -> Disk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_mem() {
     conformance::run_all(|| Mem(MemEngine::new(16))).await;
+}
+
+struct Faulty(FaultEngine<MemEngine>);
+
+impl Harness for Faulty {
+    type E = FaultEngine<MemEngine>;
+    fn engine(&self) -> &Self::E {
+        &self.0
+    }
+    fn corrupt(&self, chunk: ChunkId, block: usize) {
+        self.0.inner().corrupt(chunk, block);
+    }
+}
+
+/// The fault-injecting wrapper with no fault installed is a faithful engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_fault_wrapper() {
+    conformance::run_all(|| Faulty(FaultEngine::new(MemEngine::new(16)))).await;
+}
+
+/// Faults by domain × operation × stage: EIO before (nothing written) and after (written,
+/// error reported), ENOSPC, a torn write (a prefix lands), latency, a counted fault that
+/// removes itself, and other chunks untouched throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults() {
+    let dir = disk_dir();
+    let (disk, _) = open_disk(&dir, 4).await;
+    let e = FaultEngine::new(disk);
+    let other = ChunkId {
+        volume: 2,
+        index: 0,
+    };
+    let fault = |op, stage, kind, times| Fault {
+        domain: Domain::Volume(1),
+        op,
+        stage,
+        kind,
+        times,
+    };
+    let id = e.inject(fault(FaultOp::Write, Stage::Before, FaultKind::Eio, None));
+    assert!(matches!(
+        e.write(C, 0, Bytes::from(vec![1u8; 4096])).await,
+        Err(EngineError::Io(_))
+    ));
+    assert!(
+        e.read(C, 0, 4096).await.unwrap().iter().all(|&b| b == 0),
+        "nothing landed"
+    );
+    e.write(other, 0, Bytes::from(vec![5u8; 4096]))
+        .await
+        .unwrap();
+    e.remove(id);
+
+    e.inject(fault(FaultOp::Write, Stage::After, FaultKind::Eio, Some(1)));
+    assert!(e.write(C, 0, Bytes::from(vec![2u8; 4096])).await.is_err());
+    assert_eq!(
+        e.read(C, 0, 4096).await.unwrap(),
+        Bytes::from(vec![2u8; 4096]),
+        "landed despite the error"
+    );
+    e.write(C, 0, Bytes::from(vec![3u8; 4096])).await.unwrap(); // the counted fault is gone
+
+    e.inject(fault(
+        FaultOp::Write,
+        Stage::Before,
+        FaultKind::TornWrite,
+        Some(1),
+    ));
+    assert!(e
+        .write(C, 0, Bytes::from(vec![4u8; 4 * 4096]))
+        .await
+        .is_err());
+    let r = e.read(C, 0, 4 * 4096).await.unwrap();
+    assert_eq!(
+        &r[..2 * 4096],
+        &[4u8; 2 * 4096][..],
+        "the first half landed"
+    );
+    assert!(r[2 * 4096..].iter().all(|&b| b == 0), "the rest did not");
+
+    e.inject(fault(
+        FaultOp::Read,
+        Stage::Before,
+        FaultKind::NoSpace,
+        Some(1),
+    ));
+    assert!(matches!(
+        e.read(C, 0, 4096).await,
+        Err(EngineError::NoSpace)
+    ));
+    e.inject(fault(
+        FaultOp::Any,
+        Stage::Before,
+        FaultKind::Latency(std::time::Duration::from_millis(50)),
+        Some(1),
+    ));
+    let t = std::time::Instant::now();
+    e.read(C, 0, 4096).await.unwrap();
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(50),
+        "the latency was added"
+    );
+    assert_eq!(
+        e.read(other, 0, 4096).await.unwrap(),
+        Bytes::from(vec![5u8; 4096])
+    );
+    assert_eq!(e.fired(), 5);
 }
 
 /// The conformance suite on the disk engine over pread/pwrite (O_DIRECT on a real file,

@@ -14,6 +14,7 @@
 //!   [`EngineError::InvalidRequest`] and changes nothing.
 
 pub mod disk;
+pub mod fault;
 pub mod index;
 pub mod io;
 pub mod mem;
