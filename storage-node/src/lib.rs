@@ -5,16 +5,23 @@
 //! - [`engine`]: the `ChunkEngine` seam and its implementations — [`engine::disk::DiskEngine`]
 //!   (slots on a disk file or block device, O_DIRECT, group-committed fdatasync, chunk index in
 //!   RocksDB with crash-recoverable write intents) and [`engine::mem::MemEngine`] (in memory) —
-//!   held to one conformance suite ([`engine::conformance`]).
+//!   held to one conformance suite (`engine::conformance`); the disk engine runs over io_uring
+//!   (one ring thread per disk, registered buffers) or pread/pwrite.
 //!
 //! Contract: an acknowledged write is on media; every read is checked against the block's
 //! CRC32C; a crash leaves every block with its old or its new data, and a block that is
 //! neither is reported as torn, never returned and never reported as corruption.
 //!
-//! Still to come (issue 3): the io_uring engine, the fault-injecting engine, the data-protocol
-//! server and `cairn node run`.
+//! - [`engine::fault`]: a fault-injecting wrapper for tests (EIO, ENOSPC, torn writes, latency).
+//! - [`protocol`]: the data protocol — frame codec, request validation, server, client.
+//! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
+//!
+//! Still to come (issue 3): `cairn node run` (registration, heartbeats), the kill -9 write-storm
+//! test, fuzz targets and the fio benchmark.
 
 pub mod engine;
+pub mod fence;
 pub mod format;
+pub mod protocol;
 
 pub use engine::{ChunkEngine, ChunkId, EngineError};

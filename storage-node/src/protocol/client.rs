@@ -1,0 +1,138 @@
+//! A pipelined data-protocol client: many requests in flight on one connection, each answered
+//! through its own channel. Used by tests now and by the client library's `VolumeClient`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use cairn_proto::data as pb;
+use futures::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::frame::{Frame, FrameCodec};
+use super::{HELLO_MAGIC, PROTOCOL_VERSION};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(pb::Response, Bytes)>>>>;
+
+pub struct DataClient {
+    tx: mpsc::Sender<Frame>,
+    pending: Pending,
+    next_id: AtomicU64,
+    pub node_uuid: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake refused: {0}")]
+    Refused(String),
+    #[error("connection closed")]
+    Closed,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl DataClient {
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (r, w) = stream.into_split();
+        let mut reader = FramedRead::new(r, FrameCodec);
+        let mut writer = FramedWrite::new(w, FrameCodec);
+        let hello = pb::Hello {
+            magic: HELLO_MAGIC.into(),
+            protocol_version: PROTOCOL_VERSION,
+            auth: vec![],
+            client: "cairn".into(),
+        };
+        writer
+            .send(Frame {
+                header: Bytes::from(hello.encode_to_vec()),
+                payload: Bytes::new(),
+            })
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let f = reader
+            .next()
+            .await
+            .ok_or(ClientError::Closed)?
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let welcome =
+            pb::Welcome::decode(f.header).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if !welcome.error.is_empty() {
+            return Err(ClientError::Refused(welcome.error));
+        }
+        let pending: Pending = Arc::default();
+        let (tx, mut rx) = mpsc::channel::<Frame>(1024);
+        tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if writer.feed(f).await.is_err() {
+                    return;
+                }
+                while let Ok(f) = rx.try_recv() {
+                    if writer.feed(f).await.is_err() {
+                        return;
+                    }
+                }
+                if writer.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let p = pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = reader.next().await {
+                let Ok(r) = pb::Response::decode(f.header) else {
+                    break;
+                };
+                if let Some(tx) = p.lock().expect("pending lock").remove(&r.request_id) {
+                    let _ = tx.send((r, f.payload));
+                }
+            }
+            // Dropping the senders wakes every waiter with Closed.
+            p.lock().expect("pending lock").clear();
+        });
+        Ok(Self {
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            node_uuid: welcome.node_uuid,
+        })
+    }
+
+    /// Sends one request (its id is assigned here) and waits for its response.
+    pub async fn call(
+        &self,
+        mut req: pb::Request,
+        payload: Bytes,
+    ) -> Result<(pb::Response, Bytes), ClientError> {
+        req.request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if !payload.is_empty() {
+            req.payload_crc = crc32c::crc32c(&payload);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(req.request_id, tx);
+        let f = Frame {
+            header: Bytes::from(req.encode_to_vec()),
+            payload,
+        };
+        self.tx.send(f).await.map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Sends raw frame bytes (tests of malformed input).
+    pub async fn send_raw(&self, header: Bytes, payload: Bytes) -> Result<(), ClientError> {
+        self.tx
+            .send(Frame { header, payload })
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+}

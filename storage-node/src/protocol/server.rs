@@ -1,0 +1,263 @@
+//! The data-protocol server: accepts connections, checks the handshake, and executes requests
+//! concurrently (pipelined: up to [`MAX_IN_FLIGHT`] per connection), answering each by id.
+//!
+//! A bad request gets an error response and the connection goes on; a frame that cannot be
+//! decoded at all (no request id to answer) closes that connection only. Other connections
+//! and the node are never affected.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_proto::data as pb;
+use futures::{SinkExt, StreamExt};
+use prost::Message;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::frame::{Frame, FrameCodec};
+use super::request::{Command, Request};
+use super::{HELLO_MAGIC, PROTOCOL_VERSION};
+use crate::engine::{ChunkEngine, EngineError, CHUNK_SIZE};
+use crate::fence::Fence;
+
+/// Requests executing at once on one connection; more wait (TCP backpressure).
+pub const MAX_IN_FLIGHT: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counters of the server, for the node's stats.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub refused: AtomicU64,
+    pub fenced: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+pub struct DataServer<E> {
+    pub engine: Arc<E>,
+    pub fence: Arc<Fence>,
+    pub node_uuid: String,
+    pub stats: Arc<ServerStats>,
+}
+
+fn response(id: u64, status: pb::Status, message: String) -> pb::Response {
+    pb::Response {
+        request_id: id,
+        status: status as i32,
+        message,
+        ..Default::default()
+    }
+}
+
+fn frame(r: &pb::Response, payload: Bytes) -> Frame {
+    Frame {
+        header: Bytes::from(r.encode_to_vec()),
+        payload,
+    }
+}
+
+impl<E: ChunkEngine> DataServer<E> {
+    /// Serves `listener` until `shutdown` completes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let s = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = s.connection(stream).await {
+                                tracing::debug!(%peer, error = %e, "data connection closed");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, do not spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream) -> anyhow::Result<()> {
+        stream.set_nodelay(true)?;
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (r, w) = stream.into_split();
+        let mut reader = FramedRead::new(r, FrameCodec);
+        let mut writer = FramedWrite::new(w, FrameCodec);
+
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await;
+        let hello = match first {
+            Ok(Some(Ok(f))) => pb::Hello::decode(f.header).ok(),
+            _ => None,
+        };
+        let refusal = match &hello {
+            None => Some("expected a Hello frame".to_owned()),
+            Some(h) if h.magic != HELLO_MAGIC => Some(format!("bad magic {:?}", h.magic)),
+            Some(h) if h.protocol_version != PROTOCOL_VERSION => Some(format!(
+                "protocol version {} unsupported (this node speaks {PROTOCOL_VERSION})",
+                h.protocol_version
+            )),
+            Some(_) => None,
+        };
+        let welcome = pb::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            node_uuid: self.node_uuid.clone(),
+            error: refusal.clone().unwrap_or_default(),
+        };
+        writer
+            .send(Frame {
+                header: Bytes::from(welcome.encode_to_vec()),
+                payload: Bytes::new(),
+            })
+            .await?;
+        if let Some(why) = refusal {
+            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            anyhow::bail!("handshake refused: {why}");
+        }
+
+        let (tx, mut rx) = mpsc::channel::<Frame>(MAX_IN_FLIGHT);
+        let write_task = tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                writer.feed(f).await?;
+                // Batch what is ready into one write.
+                while let Ok(f) = rx.try_recv() {
+                    writer.feed(f).await?;
+                }
+                writer.flush().await?;
+            }
+            anyhow::Ok(())
+        });
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let result = loop {
+            let f = match reader.next().await {
+                None => break Ok(()),
+                Some(Err(e)) => {
+                    self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    break Err(anyhow::anyhow!("bad frame: {e}"));
+                }
+                Some(Ok(f)) => f,
+            };
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let req = match Request::parse(&f.header, f.payload) {
+                Ok(r) => r,
+                Err(refusal) => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    match refusal.id {
+                        Some(id) => {
+                            let r = response(id, refusal.status, refusal.message);
+                            if tx.send(frame(&r, Bytes::new())).await.is_err() {
+                                break Ok(());
+                            }
+                            continue;
+                        }
+                        None => {
+                            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            break Err(anyhow::anyhow!("{}", refusal.message));
+                        }
+                    }
+                }
+            };
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            let (s, tx) = (self.clone(), tx.clone());
+            tokio::spawn(async move {
+                let (r, payload) = s.execute(req).await;
+                let _ = tx.send(frame(&r, payload)).await;
+                drop(permit);
+            });
+        };
+        drop(tx);
+        let _ = write_task.await;
+        result
+    }
+
+    async fn execute(&self, req: Request) -> (pb::Response, Bytes) {
+        let id = req.id;
+        if let Err(f) = self
+            .fence
+            .admit(req.chunk.volume, req.generation, req.group, req.epoch)
+        {
+            if req.cmd.mutates() || req.generation != 0 {
+                self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                return (
+                    response(id, pb::Status::Fenced, f.to_string()),
+                    Bytes::new(),
+                );
+            }
+        }
+        let e = &self.engine;
+        let result = match req.cmd {
+            Command::Read { offset, len } => {
+                e.read(req.chunk, offset, len).await.map(|d| (None, d))
+            }
+            Command::Write { offset, data } => e
+                .write(req.chunk, offset, data)
+                .await
+                .map(|()| (None, Bytes::new())),
+            Command::Flush => e.flush().await.map(|()| (None, Bytes::new())),
+            Command::Discard { offset, len } => e
+                .discard(req.chunk, offset, len)
+                .await
+                .map(|()| (None, Bytes::new())),
+            Command::WriteZeroes { offset, len } => e
+                .write_zeroes(req.chunk, offset, len)
+                .await
+                .map(|()| (None, Bytes::new())),
+            Command::ChunkInfo => e
+                .chunk_info(req.chunk)
+                .map(|i| (Some(i.map(|i| i.mapped).unwrap_or_default()), Bytes::new())),
+            Command::ChunkCopy => match e.chunk_info(req.chunk) {
+                Ok(None) => Ok((Some(vec![]), Bytes::new())),
+                Ok(Some(info)) => e
+                    .read(req.chunk, 0, CHUNK_SIZE)
+                    .await
+                    .map(|d| (Some(info.mapped), d)),
+                Err(err) => Err(err),
+            },
+        };
+        match result {
+            Ok((mapped, payload)) => {
+                let r = pb::Response {
+                    request_id: id,
+                    status: pb::Status::Ok as i32,
+                    payload_crc: if payload.is_empty() {
+                        0
+                    } else {
+                        crc32c::crc32c(&payload)
+                    },
+                    mapped: mapped.unwrap_or_default(),
+                    ..Default::default()
+                };
+                (r, payload)
+            }
+            Err(err) => {
+                let (status, block) = match &err {
+                    EngineError::InvalidRequest(_) => (pb::Status::Invalid, 0),
+                    EngineError::Corrupt { block, .. } => (pb::Status::Corrupt, *block as u64),
+                    EngineError::Torn { block, .. } => (pb::Status::Torn, *block as u64),
+                    EngineError::NoSpace => (pb::Status::NoSpace, 0),
+                    EngineError::Io(_) => (pb::Status::IoError, 0),
+                    EngineError::Index(_) | EngineError::Poisoned => (pb::Status::Unavailable, 0),
+                };
+                let mut r = response(id, status, format!("{err}"));
+                r.block = block;
+                (r, Bytes::new())
+            }
+        }
+    }
+}
