@@ -237,14 +237,24 @@ fn cairn_up_restarts_the_same_cluster() {
     )
     .unwrap();
     let procs = file["processes"].as_array().unwrap();
-    assert_eq!(procs.len(), 3);
+    assert_eq!(procs.len(), 6, "3 metadata members and 3 storage nodes");
     let pids: Vec<i32> = procs
         .iter()
         .map(|p| i32::try_from(p["pid"].as_u64().unwrap()).unwrap())
         .collect();
+    let role = |r: &str| procs.iter().filter(|p| p["role"] == r).count();
+    assert_eq!((role("meta"), role("node")), (3, 3));
     assert!(procs
         .iter()
-        .all(|p| p["role"] == "meta" && p["command"][1] == "meta"));
+        .all(|p| p["command"][0].as_str().unwrap().ends_with("cairn")));
+    // Every storage node registered, on a host of its own, and is up.
+    let o = cairn(&["status", "--json"], tmp.path());
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nodes = st["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{st}");
+    assert!(nodes
+        .iter()
+        .all(|n| n["up"] == true && n["disks"].as_array().unwrap().len() == 1));
 
     let o = cairn(&["volume", "create", "db1", "--size", "10G"], tmp.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -282,7 +292,13 @@ fn cairn_up_restarts_the_same_cluster() {
     assert_eq!(list[0]["name"], "db1");
     assert_eq!(list[0]["size_bytes"], 10u64 << 30);
     let o = cairn(&["status"], tmp.path());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("3 member(s)"));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("3 member(s)"), "{text}");
+    assert_eq!(
+        text.matches(" up ").count(),
+        3,
+        "the same 3 nodes are back: {text}"
+    );
     stop(up);
 }
 

@@ -35,6 +35,42 @@ pub enum Command {
         #[command(subcommand)]
         command: MetaCommand,
     },
+    /// Run a storage node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Run a storage node in the foreground: serve its disks over the data protocol, register
+    /// with the metadata service (--meta / CAIRN_META; without one it runs standalone).
+    Run(NodeRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeRunArgs {
+    /// Directory for the node's identity, chunk indexes and fencing marks.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Data-protocol address to listen on, IP:PORT.
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// Address clients dial (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// A disk: a block device or file, PATH, or PATH:SIZE to create a sparse file of SIZE if
+    /// it does not exist. Repeat for several disks.
+    #[arg(long = "disk", required = true)]
+    pub disks: Vec<cairn_storage_node::DiskSpec>,
+    /// Failure domains: the host name (default: this machine's), rack and site.
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long, default_value = "")]
+    pub rack: String,
+    #[arg(long, default_value = "")]
+    pub site: String,
 }
 
 #[derive(Debug, Args)]
@@ -46,9 +82,16 @@ pub struct UpArgs {
     /// directory already holds).
     #[arg(long, value_parser = parse_replicas)]
     pub meta_replicas: Option<u64>,
-    /// First TCP port; metadata members listen on BASE+1, BASE+2, …
+    /// First TCP port; metadata members listen on BASE+1, BASE+2, …, storage nodes on
+    /// BASE+11, BASE+12, …
     #[arg(long, default_value_t = 7100)]
     pub base_port: u16,
+    /// Number of storage nodes, each with one file-backed disk (default 3; a new cluster only).
+    #[arg(long)]
+    pub nodes: Option<u64>,
+    /// Size of each node's disk file (sparse), e.g. 10G.
+    #[arg(long, default_value = "10G")]
+    pub disk_size: String,
 }
 
 fn parse_replicas(s: &str) -> Result<u64, String> {

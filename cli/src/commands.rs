@@ -10,7 +10,9 @@ use cairn_proto::metadata as pb;
 use cairn_proto::metadata::metadata_client::MetadataClient;
 use cairn_proto::parse_size;
 
-use crate::args::{Cli, Command, MetaCommand, MetaRunArgs, VolumeCommand};
+use crate::args::{
+    Cli, Command, MetaCommand, MetaRunArgs, NodeCommand, NodeRunArgs, VolumeCommand,
+};
 use crate::output::{self, Printer};
 use crate::up;
 
@@ -21,6 +23,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Meta {
             command: MetaCommand::Run(a),
         } => meta_run(a).await,
+        Command::Node {
+            command: NodeCommand::Run(a),
+        } => node_run(a, &cli.meta).await,
         Command::Meta { command } => {
             let addrs = meta_addrs(&cli.meta)?;
             meta_command(command, &addrs, &out).await
@@ -91,6 +96,40 @@ async fn meta_run(a: MetaRunArgs) -> anyhow::Result<()> {
     cairn_metadata::failpoints::setup_from_env();
     let server = cairn_metadata::Server::start(cfg).await?;
     server.run_until(shutdown_signal()).await
+}
+
+async fn node_run(a: NodeRunArgs, meta: &[String]) -> anyhow::Result<()> {
+    let host = match a.host {
+        Some(h) => h,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let cfg = cairn_storage_node::NodeConfig {
+        data_dir: a.data_dir,
+        listen: a.listen,
+        advertise: a.advertise,
+        disks: a.disks,
+        meta: meta
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        rack: if a.rack.is_empty() {
+            host.clone()
+        } else {
+            a.rack
+        },
+        site: if a.site.is_empty() {
+            "default".into()
+        } else {
+            a.site
+        },
+        host,
+        heartbeat: std::time::Duration::from_secs(2),
+    };
+    let node = cairn_storage_node::Node::start(cfg).await?;
+    shutdown_signal().await;
+    node.shutdown().await;
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -112,7 +112,7 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
         .map(|(i, a)| format!("{i}={a}"))
         .collect::<Vec<_>>()
         .join(",");
-    let processes = addrs
+    let processes: Vec<ProcessEntry> = addrs
         .iter()
         .map(|(i, addr)| ProcessEntry {
             role: "meta".into(),
@@ -135,6 +135,46 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
             log: data_dir.join("logs").join(format!("meta-{i}.log")),
         })
         .collect();
+    let mut processes: Vec<ProcessEntry> = processes;
+    let disk_size = cairn_proto::parse_size(&a.disk_size).map_err(anyhow::Error::msg)?;
+    let metas = addrs
+        .iter()
+        .map(|(_, a)| a.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    for i in 1..=a.nodes.unwrap_or(3) {
+        let port = u64::from(a.base_port) + 10 + i;
+        anyhow::ensure!(
+            port <= 65535,
+            "--base-port {} leaves no room for the nodes",
+            a.base_port
+        );
+        let addr = format!("127.0.0.1:{port}");
+        let dir = data_dir.join(format!("node-{i}"));
+        processes.push(ProcessEntry {
+            role: "node".into(),
+            id: i,
+            addr: addr.clone(),
+            pid: None,
+            command: vec![
+                exe.display().to_string(),
+                "--meta".into(),
+                metas.clone(),
+                "node".into(),
+                "run".into(),
+                "--data-dir".into(),
+                dir.display().to_string(),
+                "--listen".into(),
+                addr,
+                "--disk".into(),
+                format!("{}:{disk_size}", dir.join("disk0.img").display()),
+                // Each local node stands for a host of its own, so groups span three of them.
+                "--host".into(),
+                format!("node-{i}"),
+            ],
+            log: data_dir.join("logs").join(format!("node-{i}.log")),
+        });
+    }
     Ok(ClusterFile {
         data_dir: data_dir.to_owned(),
         processes,
@@ -176,16 +216,16 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     file.save(&path)?;
 
     let client = MetaClient::new(&file.meta_addrs())?.with_deadline(Duration::from_secs(30));
-    let ready = client
-        .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
-        .await;
+    let nodes = file.processes.iter().filter(|p| p.role == "node").count();
+    let ready = wait_ready(&client, nodes).await;
     match ready {
         Ok(s) => {
             let meta = file.meta_addrs().join(",");
             println!(
-                "cairn is up: {} metadata member(s) at {meta}, leader {}",
+                "cairn is up: {} metadata member(s) at {meta}, leader {}; {} storage node(s) up",
                 s.members.len(),
-                s.leader_id
+                s.leader_id,
+                s.nodes.iter().filter(|n| n.up).count()
             );
             println!("  data:    {}", data_dir.display());
             println!("  cluster: {}", path.display());
@@ -230,6 +270,25 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         data_dir.display()
     );
     Ok(())
+}
+
+/// Waits until the metadata service answers and `nodes` storage nodes have registered.
+async fn wait_ready(
+    client: &MetaClient,
+    nodes: usize,
+) -> Result<pb::ClusterStatusResponse, cairn_client::MetaClientError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = client
+            .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+            .await?;
+        if s.nodes.iter().filter(|n| n.up).count() >= nodes
+            || tokio::time::Instant::now() >= deadline
+        {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn file_changed(file: &ClusterFile, path: &Path) {

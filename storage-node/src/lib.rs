@@ -16,12 +16,15 @@
 //! - [`protocol`]: the data protocol — frame codec, request validation, server, client.
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
 //!
-//! Still to come (issue 3): `cairn node run` (registration, heartbeats), the kill -9 write-storm
-//! test, fuzz targets and the fio benchmark.
+//! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats.
+//!
+//! Still to come (issue 3): fuzz targets and the fio benchmark.
 
 pub mod engine;
 pub mod fence;
 pub mod format;
+pub mod node;
 pub mod protocol;
 
 pub use engine::{ChunkEngine, ChunkId, EngineError};
+pub use node::{DiskSpec, Node, NodeConfig};

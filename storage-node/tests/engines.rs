@@ -371,7 +371,7 @@ async fn recovery_from_interrupted_writes() {
     };
     // The crash: an intent to write `new` over blocks 0..3, and the data in three states.
     {
-        let index = Index::open(&dir.path().join("index0"), &uuid).unwrap();
+        let index = Index::open(&dir.path().join("index0").join(&uuid), &uuid).unwrap();
         let crcs = new.chunks(4096).map(crc32c::crc32c).collect();
         index
             .apply(
@@ -429,7 +429,7 @@ async fn recovery_of_a_first_write_that_never_landed() {
     let dir = disk_dir();
     let uuid = open_disk(&dir, 2).await.0.uuid();
     {
-        let index = Index::open(&dir.path().join("index0"), &uuid).unwrap();
+        let index = Index::open(&dir.path().join("index0").join(&uuid), &uuid).unwrap();
         let it = Intent {
             seq: 1,
             chunk: C,

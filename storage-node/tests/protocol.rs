@@ -29,7 +29,7 @@ async fn node() -> Node {
         .unwrap();
     let server = Arc::new(DataServer {
         node_uuid: engine.uuid(),
-        engine: Arc::new(engine),
+        disks: [(engine.uuid(), Arc::new(engine))].into_iter().collect(),
         fence: Arc::new(Fence::open(&dir.path().join("fence")).unwrap()),
         stats: Arc::new(ServerStats::default()),
     });
@@ -207,7 +207,8 @@ async fn corruption_reported_over_the_wire() {
     assert_eq!(status(&r), pb::Status::Ok);
     let at = n
         .server
-        .engine
+        .disk(&n.server.node_uuid)
+        .unwrap()
         .disk_offset(
             ChunkId {
                 volume: 1,
@@ -230,7 +231,14 @@ async fn corruption_reported_over_the_wire() {
         .unwrap();
     assert_eq!((status(&r), r.block, p.len()), (pb::Status::Corrupt, 2, 0));
     assert!(r.message.contains("chunk 1/2 block 2"), "{}", r.message);
-    assert_eq!(n.server.engine.stats().corrupt_reads, 1);
+    assert_eq!(
+        n.server
+            .disk(&n.server.node_uuid)
+            .unwrap()
+            .stats()
+            .corrupt_reads,
+        1
+    );
     let (r, _) = c
         .call(req(pb::Op::Read, 2, 0, 4096, 1), Bytes::new())
         .await

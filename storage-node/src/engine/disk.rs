@@ -80,7 +80,8 @@ impl DiskEngine {
     }
 
     /// Opens a Cairn disk, formatting it first if it has never been one (all-zero superblock
-    /// area). A disk with a damaged or foreign superblock is refused, never reformatted.
+    /// area). A disk with a damaged or foreign superblock is refused, never reformatted. Its
+    /// chunk index lives in `index_root/<disk uuid>`.
     pub async fn open(disk: &Path, index_dir: &Path) -> anyhow::Result<Self> {
         Self::open_with(disk, index_dir, IoKind::Auto).await
     }
@@ -111,7 +112,7 @@ impl DiskEngine {
             }
             Err(e) => anyhow::bail!("disk {}: {e}; refusing to use it", disk.display()),
         };
-        let index = Index::open(index_dir, &sb.uuid_string())?;
+        let index = Index::open(&index_dir.join(sb.uuid_string()), &sb.uuid_string())?;
         let engine = Self {
             sb,
             file,

@@ -31,6 +31,8 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub id: u64,
+    /// The disk's uuid; empty: the node's only disk.
+    pub disk: String,
     pub chunk: ChunkId,
     pub generation: u64,
     pub group: u64,
@@ -150,8 +152,12 @@ impl Request {
             });
         }
         let _ = CHUNK_SIZE;
+        if h.disk.len() > 64 {
+            return Err(invalid(id, "disk id longer than 64 bytes"));
+        }
         Ok(Self {
             id,
+            disk: h.disk,
             chunk: ChunkId {
                 volume: h.volume,
                 index: h.chunk,
@@ -181,6 +187,7 @@ mod tests {
             group: 4,
             epoch: 5,
             payload_crc: crc,
+            disk: String::new(),
         }
         .encode_to_vec()
     }

@@ -37,8 +37,10 @@ pub struct ServerStats {
     pub protocol_errors: AtomicU64,
 }
 
+/// Serves the chunks of a node's disks.
 pub struct DataServer<E> {
-    pub engine: Arc<E>,
+    /// The node's disks by uuid.
+    pub disks: std::collections::HashMap<String, Arc<E>>,
     pub fence: Arc<Fence>,
     pub node_uuid: String,
     pub stats: Arc<ServerStats>,
@@ -61,6 +63,11 @@ fn frame(r: &pb::Response, payload: Bytes) -> Frame {
 }
 
 impl<E: ChunkEngine> DataServer<E> {
+    /// The engine of a disk, by uuid.
+    pub fn disk(&self, uuid: &str) -> Option<&Arc<E>> {
+        self.disks.get(uuid)
+    }
+
     /// Serves `listener` until `shutdown` completes.
     pub async fn serve(
         self: Arc<Self>,
@@ -200,7 +207,16 @@ impl<E: ChunkEngine> DataServer<E> {
                 );
             }
         }
-        let e = &self.engine;
+        let e = match (req.disk.as_str(), self.disks.len()) {
+            ("", 1) => self.disks.values().next().expect("one disk"),
+            (d, _) => match self.disks.get(d) {
+                Some(e) => e,
+                None => {
+                    let msg = format!("disk {d:?} is not on this node");
+                    return (response(id, pb::Status::Invalid, msg), Bytes::new());
+                }
+            },
+        };
         let result = match req.cmd {
             Command::Read { offset, len } => {
                 e.read(req.chunk, offset, len).await.map(|d| (None, d))

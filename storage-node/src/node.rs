@@ -1,0 +1,238 @@
+//! The storage-node daemon: opens the server's disks, serves the data protocol, registers
+//! with the metadata service and heartbeats to it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_client::MetaClient;
+use cairn_proto::metadata as pb;
+
+use crate::engine::disk::DiskEngine;
+use crate::engine::{ChunkEngine, CHUNK_SIZE};
+use crate::fence::Fence;
+use crate::protocol::server::{DataServer, ServerStats};
+
+/// A disk of the node: a block device or a file (created sparse at `create_size` if missing).
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub create_size: Option<u64>,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+    /// `PATH` or `PATH:SIZE` (SIZE like 10G: create the file if it does not exist).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.rsplit_once(':') {
+            Some((p, size)) if !p.is_empty() => Ok(Self {
+                path: p.into(),
+                create_size: Some(cairn_proto::parse_size(size)?),
+            }),
+            _ if s.is_empty() => Err("empty disk path".into()),
+            _ => Ok(Self {
+                path: s.into(),
+                create_size: None,
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Holds the node's identity, fencing marks and chunk indexes.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Address clients dial (default: `listen`).
+    pub advertise: Option<String>,
+    pub disks: Vec<DiskSpec>,
+    /// Metadata members; empty: standalone (no registration), for tests and benchmarks.
+    pub meta: Vec<String>,
+    pub host: String,
+    pub rack: String,
+    pub site: String,
+    pub heartbeat: Duration,
+}
+
+pub struct Node {
+    pub addr: SocketAddr,
+    pub server: Arc<DataServer<DiskEngine>>,
+    pub node_uuid: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn node_uuid(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("node-uuid");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            // Written and synced before first use: the node's identity must not change.
+            let tmp = dir.join("node-uuid.tmp");
+            std::fs::write(&tmp, &id)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(id)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Node {
+    pub async fn start(cfg: NodeConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !cfg.disks.is_empty(),
+            "a storage node needs at least one disk (--disk PATH[:SIZE])"
+        );
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let node_uuid = node_uuid(&cfg.data_dir)?;
+        let mut disks = HashMap::new();
+        let mut paths = HashMap::new();
+        for d in &cfg.disks {
+            if let (Some(size), false) = (d.create_size, d.path.exists()) {
+                DiskEngine::create_file(&d.path, size)
+                    .with_context(|| format!("creating disk file {}", d.path.display()))?;
+            }
+            let e = DiskEngine::open(&d.path, &cfg.data_dir.join("index")).await?;
+            tracing::info!(disk = %d.path.display(), uuid = %e.uuid(), uring = e.uses_uring(), direct = e.direct_io(), "disk ready");
+            paths.insert(e.uuid(), d.path.display().to_string());
+            anyhow::ensure!(
+                disks.insert(e.uuid(), Arc::new(e)).is_none(),
+                "disk {} is listed twice",
+                d.path.display()
+            );
+        }
+        let server = Arc::new(DataServer {
+            disks,
+            fence: Arc::new(Fence::open(&cfg.data_dir.join("fence"))?),
+            node_uuid: node_uuid.clone(),
+            stats: Arc::new(ServerStats::default()),
+        });
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut tasks = vec![tokio::spawn(server.clone().serve(listener, async {
+            let _ = rx.await;
+        }))];
+        if cfg.meta.is_empty() {
+            tracing::warn!("no metadata service given: running standalone, unregistered");
+        } else {
+            let client = MetaClient::new(&cfg.meta)?;
+            let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+            tasks.push(tokio::spawn(heartbeat_loop(
+                client,
+                cfg.clone(),
+                node_uuid.clone(),
+                advertise,
+                server.clone(),
+                paths,
+            )));
+        }
+        tracing::info!(%addr, uuid = %node_uuid, "storage node serving");
+        Ok(Self {
+            addr,
+            server,
+            node_uuid,
+            shutdown: Some(tx),
+            tasks,
+        })
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+fn disk_report(server: &DataServer<DiskEngine>, paths: &HashMap<String, String>) -> Vec<pb::Disk> {
+    let mut out: Vec<pb::Disk> = server
+        .disks
+        .iter()
+        .map(|(uuid, e)| {
+            let st = e.stats();
+            pb::Disk {
+                uuid: uuid.clone(),
+                path: paths.get(uuid).cloned().unwrap_or_default(),
+                capacity_bytes: e.capacity_bytes(),
+                used_bytes: st.chunks * CHUNK_SIZE,
+                healthy: true,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+    out
+}
+
+/// Registers (idempotent on the node's uuid), then heartbeats; registers again if the
+/// metadata service no longer knows the node.
+async fn heartbeat_loop(
+    client: MetaClient,
+    cfg: NodeConfig,
+    uuid: String,
+    advertise: String,
+    server: Arc<DataServer<DiskEngine>>,
+    paths: HashMap<String, String>,
+) {
+    let mut node_id = None;
+    loop {
+        let disks = disk_report(&server, &paths);
+        match node_id {
+            None => {
+                let req = pb::RegisterNodeRequest {
+                    node_uuid: uuid.clone(),
+                    host: cfg.host.clone(),
+                    rack: cfg.rack.clone(),
+                    site: cfg.site.clone(),
+                    data_addr: advertise.clone(),
+                    disks,
+                };
+                match client
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.register_node(req).await }
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        tracing::info!(node_id = r.node_id, "registered with the metadata service");
+                        node_id = Some(r.node_id);
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
+                }
+            }
+            Some(id) => {
+                let r = client
+                    .call(|mut c| {
+                        let disks = disks.clone();
+                        async move {
+                            c.heartbeat(pb::HeartbeatRequest { node_id: id, disks })
+                                .await
+                        }
+                    })
+                    .await;
+                if let Err(e) = r {
+                    if e.code() == tonic::Code::NotFound {
+                        node_id = None;
+                        continue;
+                    }
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+        tokio::time::sleep(cfg.heartbeat).await;
+    }
+}
