@@ -366,8 +366,10 @@ async fn segments_placed_across_registered_hosts() {
                 uuid: format!("disk-{h}-{d}"),
                 path: format!("/d{d}"),
                 capacity_bytes: 1 << 40,
-                used_bytes: 0,
+                used_bytes: 4 << 20,
                 healthy: true,
+                corrupt_reads: h,
+                torn_blocks: 0,
             })
             .collect::<Vec<_>>();
         let reg = pb::RegisterNodeRequest {
@@ -428,6 +430,19 @@ async fn segments_placed_across_registered_hosts() {
         .into_inner();
     assert_eq!(st.nodes.len(), 4);
     assert!(st.nodes.iter().all(|n| n.up));
+    // The counters of the last heartbeat are shown: per node, 3 disks of 4 MiB used, and as
+    // many corrupt reads per disk as the node's index.
+    for n in &st.nodes {
+        assert_eq!(n.disks.iter().map(|d| d.used_bytes).sum::<u64>(), 12 << 20);
+    }
+    assert_eq!(
+        st.nodes
+            .iter()
+            .flat_map(|n| &n.disks)
+            .map(|d| d.corrupt_reads)
+            .sum::<u64>(),
+        3 * (1 + 2 + 3)
+    );
     assert_eq!(st.allocated_bytes, 8 << 30);
     server.shutdown().await.unwrap();
 }

@@ -235,6 +235,7 @@ impl Printer {
                     "id": n.id, "host": n.host, "rack": n.rack, "site": n.site, "data_addr": n.data_addr,
                     "up": n.up, "disks": n.disks.iter().map(|d| json!({
                         "uuid": d.uuid, "path": d.path, "capacity_bytes": d.capacity_bytes, "healthy": d.healthy,
+                        "used_bytes": d.used_bytes, "corrupt_reads": d.corrupt_reads, "torn_blocks": d.torn_blocks,
                     })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "volumes": s.volumes, "volume_bytes": s.volume_bytes,
@@ -262,7 +263,9 @@ impl Printer {
         if s.nodes.is_empty() {
             println!("storage nodes: none registered");
         } else {
-            let mut t = table(&["NODE", "HOST", "STATE", "DISKS", "CAPACITY", "ADDRESS"]);
+            let mut t = table(&[
+                "NODE", "HOST", "STATE", "DISKS", "USED", "CAPACITY", "CORRUPT", "TORN", "ADDRESS",
+            ]);
             for n in &s.nodes {
                 let healthy = n.disks.iter().filter(|d| d.healthy).count();
                 t.add_row(vec![
@@ -270,7 +273,18 @@ impl Printer {
                     n.host.clone(),
                     if n.up { "up".into() } else { "down".into() },
                     format!("{healthy}/{} healthy", n.disks.len()),
+                    format_size(n.disks.iter().map(|d| d.used_bytes).sum()),
                     format_size(n.disks.iter().map(|d| d.capacity_bytes).sum()),
+                    n.disks
+                        .iter()
+                        .map(|d| d.corrupt_reads)
+                        .sum::<u64>()
+                        .to_string(),
+                    n.disks
+                        .iter()
+                        .map(|d| d.torn_blocks)
+                        .sum::<u64>()
+                        .to_string(),
                     n.data_addr.clone(),
                 ]);
             }

@@ -33,10 +33,18 @@ pub struct MetaService {
     /// The leader's view of storage-node liveness. Heartbeats are not replicated (they would
     /// put every node's heartbeat through an fsync); a new leader learns liveness within one
     /// heartbeat interval.
-    liveness: Mutex<HashMap<u64, Instant>>,
+    liveness: Mutex<HashMap<u64, Liveness>>,
 }
 
 type Resp<T> = Result<Response<T>, Status>;
+
+/// What the leader last heard from a storage node.
+#[derive(Clone)]
+struct Liveness {
+    at: Instant,
+    /// Per-disk usage and error counters, by disk uuid.
+    disks: HashMap<String, pb::Disk>,
+}
 
 fn volume_name(s: String) -> Result<VolumeName, Status> {
     VolumeName::try_from(s).map_err(|e| MetaError::from(e).into())
@@ -189,10 +197,14 @@ impl Metadata for MetaService {
         };
         match self.propose(cmd).await? {
             Reply::Node(id) => {
-                self.liveness
-                    .lock()
-                    .expect("liveness lock")
-                    .insert(id, Instant::now());
+                let disks = HashMap::new();
+                self.liveness.lock().expect("liveness lock").insert(
+                    id,
+                    Liveness {
+                        at: Instant::now(),
+                        disks,
+                    },
+                );
                 Ok(Response::new(pb::RegisterNodeResponse { node_id: id }))
             }
             other => Err(MetaError::Storage(format!("unexpected reply {other:?}")).into()),
@@ -201,6 +213,11 @@ impl Metadata for MetaService {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Resp<pb::HeartbeatResponse> {
         let r = req.into_inner();
+        let counters: HashMap<String, pb::Disk> = r
+            .disks
+            .iter()
+            .map(|d| (d.uuid.clone(), d.clone()))
+            .collect();
         let reported = disks(r.disks)?;
         let known = self
             .read(|s| s.nodes.get(&r.node_id).map(|n| n.disks.clone()))
@@ -208,10 +225,13 @@ impl Metadata for MetaService {
         let Some(known) = known else {
             return Err(MetaError::NodeNotFound { id: r.node_id }.into());
         };
-        self.liveness
-            .lock()
-            .expect("liveness lock")
-            .insert(r.node_id, Instant::now());
+        self.liveness.lock().expect("liveness lock").insert(
+            r.node_id,
+            Liveness {
+                at: Instant::now(),
+                disks: counters,
+            },
+        );
         // Only a change of the disk set or of health goes through raft.
         let changed = known.len() != reported.len()
             || known
@@ -414,7 +434,8 @@ impl Metadata for MetaService {
                     .nodes
                     .values()
                     .map(|n| {
-                        let ago = liveness.get(&n.id).map(|t| t.elapsed());
+                        let heard = liveness.get(&n.id);
+                        let ago = heard.map(|l| l.at.elapsed());
                         pb::NodeStatus {
                             id: n.id,
                             host: n.host.clone(),
@@ -428,12 +449,17 @@ impl Metadata for MetaService {
                             disks: n
                                 .disks
                                 .iter()
-                                .map(|d| pb::Disk {
-                                    uuid: d.uuid.clone(),
-                                    path: d.path.clone(),
-                                    capacity_bytes: d.capacity_bytes,
-                                    used_bytes: 0,
-                                    healthy: d.healthy,
+                                .map(|d| {
+                                    let c = heard.and_then(|l| l.disks.get(&d.uuid));
+                                    pb::Disk {
+                                        uuid: d.uuid.clone(),
+                                        path: d.path.clone(),
+                                        capacity_bytes: d.capacity_bytes,
+                                        used_bytes: c.map_or(0, |c| c.used_bytes),
+                                        healthy: d.healthy,
+                                        corrupt_reads: c.map_or(0, |c| c.corrupt_reads),
+                                        torn_blocks: c.map_or(0, |c| c.torn_blocks),
+                                    }
                                 })
                                 .collect(),
                         }

@@ -168,7 +168,9 @@ fn disk_report(server: &DataServer<DiskEngine>, paths: &HashMap<String, String>)
                 path: paths.get(uuid).cloned().unwrap_or_default(),
                 capacity_bytes: e.capacity_bytes(),
                 used_bytes: st.chunks * CHUNK_SIZE,
-                healthy: true,
+                healthy: !e.poisoned(),
+                corrupt_reads: st.corrupt_reads,
+                torn_blocks: st.torn_blocks,
             }
         })
         .collect();

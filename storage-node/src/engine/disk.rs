@@ -126,6 +126,11 @@ impl DiskEngine {
         Ok(engine)
     }
 
+    /// Whether a failed sync has poisoned the disk (it then serves nothing).
+    pub fn poisoned(&self) -> bool {
+        self.file.is_poisoned()
+    }
+
     /// Whether I/O goes through io_uring.
     pub fn uses_uring(&self) -> bool {
         self.file.uses_uring()
