@@ -1,0 +1,13 @@
+//! The on-disk superblock decoder: any bytes decode or are refused without panicking, and an
+//! accepted superblock re-encodes to an identical header.
+#![no_main]
+
+use cairn_storage_node::format::Superblock;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(sb) = Superblock::decode(data) {
+        assert_eq!(sb.encode()[..56], data[..56]);
+        assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
+    }
+});
