@@ -13,6 +13,19 @@
 //! 4. The block CRCs replace the intent in the index (not synced: the intent already makes
 //!    the outcome recoverable), and the write is acknowledged.
 //!
+//! That is the path of writes larger than [`JOURNAL_MAX`].
+//!
+//! Small writes (≤ [`JOURNAL_MAX`]) take a shorter path with one flush instead of two
+//! (BlueStore's deferred writes):
+//! 1. One synced index batch holds the data itself (a journal entry), the new block CRCs and,
+//!    for a new chunk, its slot. After it the write is durable and acknowledged once step 2 is
+//!    done. A crash before it leaves the old data and CRCs untouched.
+//! 2. The data is written in place, not flushed. A crash before it reaches media is repaired
+//!    at open: journal entries are replayed in sequence order wherever the index still holds
+//!    their CRC, then flushed, then dropped. No block of a small write is ever torn.
+//! 3. Every [`CHECKPOINT_EVERY`] writes, one fdatasync makes the in-place copies durable and
+//!    the journal entries are dropped.
+//!
 //! Discard: the index drops the blocks (synced), then the file's range is punched, so space
 //! goes back to the filesystem; a crash in between leaves unmapped blocks that read as zeros.
 
@@ -23,7 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::index::{Index, Intent, Op};
+use super::index::{Index, Intent, Journal, Op};
 use super::io::{DiskFile, IoKind};
 use super::*;
 use crate::format::{Superblock, SUPERBLOCK_SIZE};
@@ -62,7 +75,15 @@ pub struct DiskEngine {
     locks: Mutex<HashMap<ChunkId, Arc<tokio::sync::RwLock<()>>>>,
     next_seq: AtomicU64,
     corrupt_reads: AtomicU64,
+    /// Journaled writes complete in place, not yet covered by a checkpoint's fdatasync.
+    journaled: Mutex<Vec<u64>>,
 }
+
+/// Writes up to this size are journaled with their data (one flush); larger ones use the
+/// intent protocol (their bandwidth matters more than a second flush).
+pub const JOURNAL_MAX: u64 = 64 << 10;
+/// A checkpoint (one fdatasync) retires this many journaled writes at a time.
+const CHECKPOINT_EVERY: usize = 256;
 
 fn io_err(e: std::io::Error) -> EngineError {
     EngineError::Io(e)
@@ -121,6 +142,7 @@ impl DiskEngine {
             locks: Mutex::default(),
             next_seq: AtomicU64::new(1),
             corrupt_reads: AtomicU64::new(0),
+            journaled: Mutex::default(),
         };
         engine.load_and_recover().await?;
         Ok(engine)
@@ -184,10 +206,41 @@ impl DiskEngine {
         }
         let mut ops = Vec::new();
         let mut max_seq = 0;
-        for intent in loaded.intents {
-            max_seq = max_seq.max(intent.seq);
-            self.recover_intent(&mut inner, &intent, &mut ops).await?;
-            ops.push(Op::DoneIntent(intent.seq));
+        // Journal replays and intent recoveries, in the order the writes were made.
+        enum Pending {
+            Intent(Intent),
+            Journal(Journal),
+        }
+        let mut pending: Vec<(u64, Pending)> = loaded
+            .intents
+            .into_iter()
+            .map(|i| (i.seq, Pending::Intent(i)))
+            .chain(
+                loaded
+                    .journal
+                    .into_iter()
+                    .map(|j| (j.seq, Pending::Journal(j))),
+            )
+            .collect();
+        pending.sort_by_key(|(seq, _)| *seq);
+        let mut replayed = 0;
+        for (seq, p) in pending {
+            max_seq = max_seq.max(seq);
+            match p {
+                Pending::Intent(intent) => {
+                    self.recover_intent(&mut inner, &intent, &mut ops).await?;
+                    ops.push(Op::DoneIntent(seq));
+                }
+                Pending::Journal(j) => {
+                    replayed += self.replay_journal(&inner, &j).await?;
+                    ops.push(Op::DoneJournal(seq));
+                }
+            }
+        }
+        if replayed > 0 {
+            // The replayed blocks reach media before their journal entries are dropped below.
+            self.file.sync().await?;
+            tracing::info!(blocks = replayed, "replayed journaled writes");
         }
         let used: BTreeSet<u64> = inner.chunks.values().map(|m| m.slot).collect();
         inner.free = (0..self.sb.slots).filter(|s| !used.contains(s)).collect();
@@ -197,6 +250,116 @@ impl DiskEngine {
         }
         self.next_seq.store(max_seq + 1, Ordering::Relaxed);
         *self.inner.lock().expect("lock") = inner;
+        Ok(())
+    }
+
+    /// Writes a journaled write's blocks in place again — each block only while the index
+    /// still holds that write's checksum for it (a later write, discard or a reuse of the slot
+    /// by another chunk supersedes it). Returns the number of blocks written.
+    async fn replay_journal(&self, inner: &Inner, j: &Journal) -> anyhow::Result<usize> {
+        let Some(m) = inner.chunks.get(&j.chunk).filter(|m| m.slot == j.slot) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for (i, block) in j.data.chunks(BLOCK_SIZE as usize).enumerate() {
+            let b = j.first_block + i;
+            if b < BLOCKS_PER_CHUNK && m.mapped.get(b) && m.crcs[b] == crc32c::crc32c(block) {
+                let off = self.sb.slot_offset(j.slot) + b as u64 * BLOCK_SIZE;
+                self.file.write_at(off, j.data.slice_ref(block)).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Retires journal entries whose in-place writes are complete: one fdatasync makes them
+    /// durable in place, then the entries go (not synced: replaying one again is harmless).
+    async fn checkpoint(&self) -> Result<()> {
+        let seqs = std::mem::take(&mut *self.journaled.lock().expect("journal lock"));
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.file.sync().await.map_err(|_| EngineError::Poisoned)?;
+        let ops: Vec<Op> = seqs.into_iter().map(Op::DoneJournal).collect();
+        self.index.apply(&ops, false)
+    }
+
+    /// A small write: data and checksums in one synced index batch, then in place.
+    async fn write_journaled(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
+        let lock = self.lock_for(chunk);
+        let _g = lock.write().await;
+        let crcs = block_crcs(&data);
+        let first = (offset / BLOCK_SIZE) as usize;
+        let (slot, new_slot, torn) = {
+            let mut inner = self.inner.lock().expect("lock");
+            match inner.chunks.get(&chunk) {
+                Some(m) => {
+                    let torn: Vec<usize> = (first..first + crcs.len())
+                        .filter(|b| m.torn.get(*b))
+                        .collect();
+                    (m.slot, false, torn)
+                }
+                None => (
+                    inner.free.pop_first().ok_or(EngineError::NoSpace)?,
+                    true,
+                    vec![],
+                ),
+            }
+        };
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut ops = vec![Op::Journal(Journal {
+            seq,
+            chunk,
+            slot,
+            first_block: first,
+            data: data.clone(),
+        })];
+        ops.extend(
+            crcs.iter()
+                .enumerate()
+                .map(|(i, c)| Op::Block(chunk, first + i, *c)),
+        );
+        ops.extend(torn.iter().map(|b| Op::Torn(chunk, *b, false)));
+        if new_slot {
+            ops.push(Op::Slot(chunk, slot));
+        }
+        // Step 1: data, checksums (and the slot) on media, atomically: the write is durable.
+        if let Err(e) = self.index_sync(ops).await {
+            if new_slot {
+                self.inner.lock().expect("lock").free.insert(slot);
+            }
+            return Err(e);
+        }
+        // Step 2: in place. A crash before it lands is repaired by replay at the next open.
+        if let Err(e) = self
+            .file
+            .write_at(self.sb.slot_offset(slot) + offset, data)
+            .await
+        {
+            // The index already holds the new checksums, and the bytes in place are unknown:
+            // serving reads now could report false corruption, so stop until a restart
+            // replays the journal.
+            self.file.poison();
+            return Err(io_err(e));
+        }
+        {
+            let mut inner = self.inner.lock().expect("lock");
+            let m = inner.chunks.entry(chunk).or_insert_with(|| Meta::new(slot));
+            for (i, c) in crcs.iter().enumerate() {
+                m.crcs[first + i] = *c;
+                m.mapped.set(first + i, true);
+                m.torn.set(first + i, false);
+            }
+        }
+        let due = {
+            let mut j = self.journaled.lock().expect("journal lock");
+            j.push(seq);
+            j.len() >= CHECKPOINT_EVERY
+        };
+        drop(_g);
+        if due {
+            self.checkpoint().await?;
+        }
         Ok(())
     }
 
@@ -275,6 +438,9 @@ impl ChunkEngine for DiskEngine {
     async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
         check_range(offset, data.len() as u64)?;
         self.check_poisoned()?;
+        if data.len() as u64 <= JOURNAL_MAX {
+            return self.write_journaled(chunk, offset, data).await;
+        }
         let lock = self.lock_for(chunk);
         let _g = lock.write().await;
         let crcs = block_crcs(&data);
@@ -452,6 +618,8 @@ impl ChunkEngine for DiskEngine {
 
     async fn flush(&self) -> Result<()> {
         self.check_poisoned()?;
+        // Acknowledged writes are durable already; this also retires the journal.
+        self.checkpoint().await?;
         self.file.sync().await.map_err(|_| EngineError::Poisoned)
     }
 

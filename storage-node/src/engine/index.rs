@@ -7,6 +7,7 @@
 //! - `b` + chunk + block (u16) → CRC32C (u32); present = mapped
 //! - `i` + sequence (u64) → an intent: chunk, slot, first block, new CRCs
 //! - `t` + chunk + block → present: the block was torn by a crash (see `EngineError::Torn`)
+//! - `j` + sequence (u64) → a journaled small write: chunk, slot, first block, the data itself
 //!
 //! All integers big-endian so keys sort by chunk and block.
 
@@ -107,6 +108,53 @@ impl Intent {
     }
 }
 
+/// A small write journaled with its data (see the disk engine's write protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journal {
+    pub seq: u64,
+    pub chunk: ChunkId,
+    pub slot: u64,
+    pub first_block: usize,
+    pub data: bytes::Bytes,
+}
+
+impl Journal {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(26 + self.data.len());
+        v.extend_from_slice(&chunk_bytes(self.chunk));
+        v.extend_from_slice(&self.slot.to_be_bytes());
+        v.extend_from_slice(
+            &u16::try_from(self.first_block)
+                .expect("block < 1024")
+                .to_be_bytes(),
+        );
+        v.extend_from_slice(&self.data);
+        v
+    }
+
+    fn decode(seq: u64, v: &[u8]) -> Result<Self> {
+        if v.len() < 26 || !(v.len() - 26).is_multiple_of(4096) || v.len() == 26 {
+            return Err(err(format!(
+                "journal entry {seq} is malformed ({} bytes)",
+                v.len()
+            )));
+        }
+        Ok(Self {
+            seq,
+            chunk: chunk_from(&v[..16]),
+            slot: u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
+            first_block: usize::from(u16::from_be_bytes(v[24..26].try_into().expect("2 bytes"))),
+            data: bytes::Bytes::copy_from_slice(&v[26..]),
+        })
+    }
+}
+
+fn journal_key(seq: u64) -> Vec<u8> {
+    let mut k = vec![b'j'];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
 /// Everything the index holds, as loaded at open.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -114,6 +162,7 @@ pub struct Loaded {
     pub blocks: Vec<(ChunkId, usize, u32)>,
     pub intents: Vec<Intent>,
     pub torn: Vec<(ChunkId, usize)>,
+    pub journal: Vec<Journal>,
 }
 
 pub struct Index {
@@ -129,6 +178,8 @@ pub enum Op {
     Intent(Intent),
     DoneIntent(u64),
     Torn(ChunkId, usize, bool),
+    Journal(Journal),
+    DoneJournal(u64),
 }
 
 impl Index {
@@ -184,6 +235,10 @@ impl Index {
                     let seq = u64::from_be_bytes(k[1..9].try_into().map_err(err)?);
                     l.intents.push(Intent::decode(seq, &v)?);
                 }
+                (Some(b'j'), 9) => {
+                    let seq = u64::from_be_bytes(k[1..9].try_into().map_err(err)?);
+                    l.journal.push(Journal::decode(seq, &v)?);
+                }
                 (Some(b'f'), 1) => {}
                 _ => return Err(err(format!("unknown index key {k:?}"))),
             }
@@ -204,6 +259,8 @@ impl Index {
                 Op::DoneIntent(seq) => b.delete(intent_key(*seq)),
                 Op::Torn(c, i, true) => b.put(torn_key(*c, *i), []),
                 Op::Torn(c, i, false) => b.delete(torn_key(*c, *i)),
+                Op::Journal(j) => b.put(journal_key(j.seq), j.encode()),
+                Op::DoneJournal(seq) => b.delete(journal_key(*seq)),
             }
         }
         let mut wo = WriteOptions::default();

@@ -144,6 +144,11 @@ impl DiskFile {
         f.seek(std::io::SeekFrom::End(0))
     }
 
+    /// Marks the disk unusable until restarted (its state is no longer known).
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+    }
+
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
     }

@@ -16,7 +16,9 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use super::frame::{Frame, FrameCodec};
 use super::{HELLO_MAGIC, PROTOCOL_VERSION};
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(pb::Response, Bytes)>>>>;
+/// Waiting calls by request id; `None` once the connection is gone, so that a call made after
+/// the reader has stopped fails at once instead of waiting for an answer that cannot come.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<(pb::Response, Bytes)>>>>>;
 
 pub struct DataClient {
     tx: mpsc::Sender<Frame>,
@@ -67,7 +69,7 @@ impl DataClient {
         if !welcome.error.is_empty() {
             return Err(ClientError::Refused(welcome.error));
         }
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, mut rx) = mpsc::channel::<Frame>(1024);
         tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
@@ -90,12 +92,17 @@ impl DataClient {
                 let Ok(r) = pb::Response::decode(f.header) else {
                     break;
                 };
-                if let Some(tx) = p.lock().expect("pending lock").remove(&r.request_id) {
+                let tx = p
+                    .lock()
+                    .expect("pending lock")
+                    .as_mut()
+                    .and_then(|m| m.remove(&r.request_id));
+                if let Some(tx) = tx {
                     let _ = tx.send((r, f.payload));
                 }
             }
-            // Dropping the senders wakes every waiter with Closed.
-            p.lock().expect("pending lock").clear();
+            // Dropping the senders wakes every waiter with Closed; later calls see None.
+            p.lock().expect("pending lock").take();
         });
         Ok(Self {
             tx,
@@ -116,10 +123,10 @@ impl DataClient {
             req.payload_crc = crc32c::crc32c(&payload);
         }
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .insert(req.request_id, tx);
+        match self.pending.lock().expect("pending lock").as_mut() {
+            Some(m) => m.insert(req.request_id, tx),
+            None => return Err(ClientError::Closed),
+        };
         let f = Frame {
             header: Bytes::from(req.encode_to_vec()),
             payload,
