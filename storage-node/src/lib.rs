@@ -4,7 +4,8 @@
 //! - [`format`]: the versioned on-disk superblock (magic, format version, disk uuid, CRC).
 //! - [`engine`]: the `ChunkEngine` seam and its implementations — [`engine::disk::DiskEngine`]
 //!   (slots on a disk file or block device, O_DIRECT, group-committed fdatasync, chunk index in
-//!   RocksDB with crash-recoverable write intents) and [`engine::mem::MemEngine`] (in memory) —
+//!   RocksDB; small writes journaled with their data, larger ones behind crash-recoverable
+//!   write intents) and [`engine::mem::MemEngine`] (in memory) —
 //!   held to one conformance suite (`engine::conformance`); the disk engine runs over io_uring
 //!   (one ring thread per disk, registered buffers) or pread/pwrite.
 //!
@@ -18,7 +19,8 @@
 //!
 //! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats.
 //!
-//! Still to come (issue 3): fuzz targets and the fio benchmark.
+//! Fuzz targets for the frame decoder, request validation and superblock decoder are in
+//! `fuzz/`; the engine-vs-fio benchmark is `benches/engine/run`.
 
 pub mod engine;
 pub mod fence;
