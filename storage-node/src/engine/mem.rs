@@ -32,11 +32,11 @@ impl MemEngine {
     /// Flips a byte of a stored block behind the checksum's back (tests only).
     pub fn corrupt(&self, chunk: ChunkId, block: usize) {
         let mut map = self.chunks.lock().expect("lock");
-        if let Some(Some((data, crc))) = map.get_mut(&chunk).map(|c| &mut c.blocks[block]) {
+        // The stored checksum stays as it was: that is the corruption.
+        if let Some(Some((data, _crc))) = map.get_mut(&chunk).map(|c| &mut c.blocks[block]) {
             let mut d = BytesMut::from(&data[..]);
             d[7] ^= 0xff;
             *data = d.freeze();
-            let _ = crc;
         }
     }
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use cairn_proto::data as pb;
 use prost::Message;
 
-use crate::engine::{check_range, ChunkId, CHUNK_SIZE};
+use crate::engine::{check_range, ChunkId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -151,7 +151,6 @@ impl Request {
                 message: "a write needs the volume's attach generation".into(),
             });
         }
-        let _ = CHUNK_SIZE;
         if h.disk.len() > 64 {
             return Err(invalid(id, "disk id longer than 64 bytes"));
         }
@@ -173,6 +172,7 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::CHUNK_SIZE;
     use proptest::prelude::*;
 
     fn hdr(op: pb::Op, offset: u64, length: u64, crc: u32) -> Vec<u8> {
