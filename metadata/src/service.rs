@@ -220,9 +220,13 @@ impl Metadata for MetaService {
             .collect();
         let reported = disks(r.disks)?;
         let known = self
-            .read(|s| s.nodes.get(&r.node_id).map(|n| n.disks.clone()))
+            .read(|s| {
+                s.nodes
+                    .get(&r.node_id)
+                    .map(|n| (n.disks.clone(), fencing_marks(s, n)))
+            })
             .await?;
-        let Some(known) = known else {
+        let Some((known, (generations, epochs))) = known else {
             return Err(MetaError::NodeNotFound { id: r.node_id }.into());
         };
         self.liveness.lock().expect("liveness lock").insert(
@@ -246,7 +250,11 @@ impl Metadata for MetaService {
             .await?;
         }
         let term = self.raft.status.lock().expect("status lock").term;
-        Ok(Response::new(pb::HeartbeatResponse { leader_term: term }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            leader_term: term,
+            generations,
+            epochs,
+        }))
     }
 
     async fn create_pool(&self, req: Request<pb::CreatePoolRequest>) -> Resp<pb::PoolResponse> {
@@ -559,6 +567,37 @@ impl Metadata for MetaService {
         set_failpoint(&r.name, &r.actions)?;
         Ok(Response::new(pb::SetFailpointResponse {}))
     }
+}
+
+/// The fencing marks a node needs: every volume's current generation (volumes with none yet
+/// handed out are left out), and the epoch of every group with a disk on the node.
+fn fencing_marks(
+    s: &ClusterState,
+    node: &crate::state::NodeRecord,
+) -> (Vec<pb::VolumeGeneration>, Vec<pb::GroupEpoch>) {
+    let generations = s
+        .volumes
+        .values()
+        .filter(|v| v.generation > 0)
+        .map(|v| pb::VolumeGeneration {
+            volume: v.id,
+            generation: v.generation,
+        })
+        .collect();
+    let epochs = s
+        .groups
+        .values()
+        .filter(|g| {
+            g.disks
+                .iter()
+                .any(|d| node.disks.iter().any(|x| &x.uuid == d))
+        })
+        .map(|g| pb::GroupEpoch {
+            group: g.id,
+            epoch: g.epoch,
+        })
+        .collect();
+    (generations, epochs)
 }
 
 fn check_holder(holder: &str) -> Result<(), Status> {

@@ -105,6 +105,16 @@ impl Fence {
             })
     }
 
+    /// Raises the marks to what the metadata service says is current (never lowers them).
+    pub fn learn(&self, generations: &[(u64, u64)], epochs: &[(u64, u64)]) {
+        for &(volume, g) in generations {
+            let _ = self.raise(&self.generations, b'g', volume, g);
+        }
+        for &(group, e) in epochs {
+            let _ = self.raise(&self.epochs, b'e', group, e);
+        }
+    }
+
     /// The highest generation seen for a volume.
     pub fn generation(&self, volume: u64) -> u64 {
         self.generations

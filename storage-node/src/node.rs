@@ -226,12 +226,23 @@ async fn heartbeat_loop(
                         }
                     })
                     .await;
-                if let Err(e) = r {
-                    if e.code() == tonic::Code::NotFound {
+                match r {
+                    Ok(resp) => {
+                        // Fence stale writers now, not only when the new holder first writes.
+                        let g: Vec<(u64, u64)> = resp
+                            .generations
+                            .iter()
+                            .map(|v| (v.volume, v.generation))
+                            .collect();
+                        let e: Vec<(u64, u64)> =
+                            resp.epochs.iter().map(|x| (x.group, x.epoch)).collect();
+                        server.fence.learn(&g, &e);
+                    }
+                    Err(e) if e.code() == tonic::Code::NotFound => {
                         node_id = None;
                         continue;
                     }
-                    tracing::warn!(error = %e, "heartbeat failed");
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
             }
         }
