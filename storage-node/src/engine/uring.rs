@@ -419,6 +419,36 @@ impl RingThread {
         }
     }
 
+    /// The eventfd read is always in flight, into `efd_buf`. Before that buffer is freed, the
+    /// read is cancelled and both completions (the read's and the cancel's) are reaped, so the
+    /// kernel never writes into freed memory.
+    fn cancel_eventfd_read(&mut self) {
+        const CANCEL_TOKEN: u64 = EVENTFD_TOKEN - 1;
+        self.push(
+            opcode::AsyncCancel::new(EVENTFD_TOKEN)
+                .build()
+                .user_data(CANCEL_TOKEN),
+        );
+        let mut seen = (false, false);
+        while !(seen.0 && seen.1) {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                // Without the completions the buffer cannot be proven idle: keep it alive.
+                std::mem::forget(std::mem::take(&mut self.efd_buf));
+                return;
+            }
+            for c in self.ring.completion() {
+                match c.user_data() {
+                    EVENTFD_TOKEN => seen.0 = true,
+                    CANCEL_TOKEN => seen.1 = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+
     fn run(mut self) {
         self.arm_eventfd();
         loop {
@@ -428,6 +458,7 @@ impl RingThread {
                 && self.backlog.is_empty()
                 && self.shared.queue.lock().expect("queue").is_empty()
             {
+                self.cancel_eventfd_read();
                 return;
             }
             let reqs: Vec<Req> = {
