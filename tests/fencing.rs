@@ -7,11 +7,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cairn_client::data::client::DataClient;
 use cairn_client::MetaClient;
 use cairn_metadata::{MetaConfigFile, Server};
 use cairn_proto::data as dpb;
 use cairn_proto::metadata as pb;
-use cairn_storage_node::protocol::client::DataClient;
 use cairn_storage_node::{DiskSpec, Node, NodeConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

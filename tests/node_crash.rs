@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cairn_client::data::client::DataClient;
 use cairn_proto::data as pb;
-use cairn_storage_node::protocol::client::DataClient;
 use common::{free_ports, CAIRN};
 
 const CHUNKS: u64 = 4;

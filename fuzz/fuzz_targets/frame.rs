@@ -3,7 +3,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use cairn_storage_node::protocol::frame::{FrameCodec, MAX_HEADER, MAX_PAYLOAD};
+use cairn_client::data::frame::{FrameCodec, MAX_HEADER, MAX_PAYLOAD};
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::{Decoder, Encoder};
 

@@ -14,7 +14,8 @@
 //! neither is reported as torn, never returned and never reported as corruption.
 //!
 //! - [`engine::fault`]: a fault-injecting wrapper for tests (EIO, ENOSPC, torn writes, latency).
-//! - [`protocol`]: the data protocol — frame codec, request validation, server, client.
+//! - [`protocol`]: the data protocol server and its request validation (the frame codec and
+//!   the client are in `cairn_client::data`).
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
 //!
 //! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats.

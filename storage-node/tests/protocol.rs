@@ -5,11 +5,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use cairn_client::data::client::{ClientError, DataClient};
 use cairn_proto::data as pb;
 use cairn_storage_node::engine::disk::DiskEngine;
 use cairn_storage_node::engine::{ChunkEngine, ChunkId, CHUNK_SIZE};
 use cairn_storage_node::fence::Fence;
-use cairn_storage_node::protocol::client::{ClientError, DataClient};
 use cairn_storage_node::protocol::server::{DataServer, ServerStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -17,11 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::frame::{Frame, FrameCodec};
 use super::request::{Command, Request};
-use super::{HELLO_MAGIC, PROTOCOL_VERSION};
 use crate::engine::{ChunkEngine, EngineError, CHUNK_SIZE};
 use crate::fence::Fence;
+use cairn_client::data::frame::{Frame, FrameCodec};
+use cairn_client::data::{HELLO_MAGIC, PROTOCOL_VERSION};
 
 /// Requests executing at once on one connection; more wait (TCP backpressure).
 pub const MAX_IN_FLIGHT: usize = 256;
