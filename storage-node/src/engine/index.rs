@@ -74,14 +74,7 @@ pub struct Intent {
 
 impl Intent {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(34 + 4 * self.crcs.len());
-        v.extend_from_slice(&chunk_bytes(self.chunk));
-        v.extend_from_slice(&self.slot.to_be_bytes());
-        v.extend_from_slice(
-            &u16::try_from(self.first_block)
-                .expect("block < 1024")
-                .to_be_bytes(),
-        );
+        let mut v = encode_head(self.chunk, self.slot, self.first_block, 4 * self.crcs.len());
         for c in &self.crcs {
             v.extend_from_slice(&c.to_be_bytes());
         }
@@ -89,23 +82,48 @@ impl Intent {
     }
 
     fn decode(seq: u64, v: &[u8]) -> Result<Self> {
-        if v.len() < 26 || !(v.len() - 26).is_multiple_of(4) {
-            return Err(err(format!(
-                "intent {seq} is malformed ({} bytes)",
-                v.len()
-            )));
-        }
+        let (chunk, slot, first_block, body) = decode_head(v, 4)
+            .ok_or_else(|| err(format!("intent {seq} is malformed ({} bytes)", v.len())))?;
+        let crcs = body
+            .chunks(4)
+            .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
+            .collect();
         Ok(Self {
             seq,
-            chunk: chunk_from(&v[..16]),
-            slot: u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
-            first_block: usize::from(u16::from_be_bytes(v[24..26].try_into().expect("2 bytes"))),
-            crcs: v[26..]
-                .chunks(4)
-                .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
-                .collect(),
+            chunk,
+            slot,
+            first_block,
+            crcs,
         })
     }
+}
+
+/// The header intents and journal entries share: chunk (16 bytes), slot (8), first block (2).
+const HEAD: usize = 26;
+
+fn encode_head(chunk: ChunkId, slot: u64, first_block: usize, body: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEAD + body);
+    v.extend_from_slice(&chunk_bytes(chunk));
+    v.extend_from_slice(&slot.to_be_bytes());
+    v.extend_from_slice(
+        &u16::try_from(first_block)
+            .expect("block < 1024")
+            .to_be_bytes(),
+    );
+    v
+}
+
+/// Splits a record into its header and a non-empty body of whole `unit`s.
+fn decode_head(v: &[u8], unit: usize) -> Option<(ChunkId, u64, usize, &[u8])> {
+    let body = v
+        .get(HEAD..)
+        .filter(|b| !b.is_empty() && b.len().is_multiple_of(unit))?;
+    Some((
+        chunk_from(&v[..16]),
+        u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
+        usize::from(u16::from_be_bytes(v[24..26].try_into().expect("2 bytes"))),
+        body,
+    ))
 }
 
 /// A small write journaled with its data (see the disk engine's write protocol).
@@ -120,31 +138,24 @@ pub struct Journal {
 
 impl Journal {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(26 + self.data.len());
-        v.extend_from_slice(&chunk_bytes(self.chunk));
-        v.extend_from_slice(&self.slot.to_be_bytes());
-        v.extend_from_slice(
-            &u16::try_from(self.first_block)
-                .expect("block < 1024")
-                .to_be_bytes(),
-        );
+        let mut v = encode_head(self.chunk, self.slot, self.first_block, self.data.len());
         v.extend_from_slice(&self.data);
         v
     }
 
     fn decode(seq: u64, v: &[u8]) -> Result<Self> {
-        if v.len() < 26 || !(v.len() - 26).is_multiple_of(4096) || v.len() == 26 {
-            return Err(err(format!(
+        let (chunk, slot, first_block, body) = decode_head(v, 4096).ok_or_else(|| {
+            err(format!(
                 "journal entry {seq} is malformed ({} bytes)",
                 v.len()
-            )));
-        }
+            ))
+        })?;
         Ok(Self {
             seq,
-            chunk: chunk_from(&v[..16]),
-            slot: u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
-            first_block: usize::from(u16::from_be_bytes(v[24..26].try_into().expect("2 bytes"))),
-            data: bytes::Bytes::copy_from_slice(&v[26..]),
+            chunk,
+            slot,
+            first_block,
+            data: bytes::Bytes::copy_from_slice(body),
         })
     }
 }
