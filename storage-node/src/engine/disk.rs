@@ -41,6 +41,7 @@ use super::io::{DiskFile, IoKind};
 use super::*;
 use crate::format::{Superblock, SUPERBLOCK_SIZE};
 
+#[derive(Clone)]
 struct Meta {
     slot: u64,
     crcs: Box<[u32]>,
@@ -480,11 +481,26 @@ impl ChunkEngine for DiskEngine {
         .await;
         if let Err(e) = written {
             // What landed is unknown: settle it the way a restart would, so reads never
-            // report a false corruption for these blocks.
-            let mut inner = std::mem::take(&mut *self.inner.lock().expect("lock"));
+            // report a false corruption for these blocks. Only this chunk is touched (its write
+            // lock is held): recover on a copy of its metadata, then put that entry back.
+            let mut one = Inner::default();
+            if let Some(m) = self.inner.lock().expect("lock").chunks.get(&chunk).cloned() {
+                one.chunks.insert(chunk, m);
+            }
             let mut ops = Vec::new();
-            let r = self.recover_intent(&mut inner, &intent, &mut ops).await;
-            *self.inner.lock().expect("lock") = inner;
+            let r = self.recover_intent(&mut one, &intent, &mut ops).await;
+            {
+                let mut inner = self.inner.lock().expect("lock");
+                match one.chunks.remove(&chunk) {
+                    Some(m) => {
+                        inner.chunks.insert(chunk, m);
+                    }
+                    None if new_slot => {
+                        inner.free.insert(slot);
+                    }
+                    None => {}
+                }
+            }
             if r.is_ok() {
                 ops.push(Op::DoneIntent(seq));
                 let _ = self.index.apply(&ops, true);
