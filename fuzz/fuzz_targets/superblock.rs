@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(sb) = Superblock::decode(data) {
-        assert_eq!(sb.encode()[..56], data[..56]);
+        assert_eq!(sb.encode()[..72], data[..72]);
         assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
     }
 });

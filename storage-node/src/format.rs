@@ -9,17 +9,25 @@
 //! 28  8  chunk size (bytes)
 //! 36  8  data offset (bytes, where slot 0 begins)
 //! 44  8  slot count
-//! 52  4  CRC32C of bytes 0..52
+//! 52  8  log offset (bytes, where the write-ahead log region begins)
+//! 60  8  log size (bytes)
+//! 68  4  CRC32C of bytes 0..68
 //! ```
-//! The rest of the first MiB is reserved; chunk slots follow, each `chunk size` bytes.
+//! The rest of the first MiB is reserved; the write-ahead log region follows (see
+//! `engine::log`), then the chunk slots, each `chunk size` bytes.
+//!
+//! Format 1 had no log; it is refused (no format-1 disk was ever deployed).
 
 pub const MAGIC: &[u8; 8] = b"CAIRNDSK";
 /// Bump on any incompatible change; older formats are refused with a clear message.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 4096;
-const ENCODED_LEN: usize = 56;
-/// Where the first chunk slot starts: 1 MiB, aligned for any device.
-pub const DATA_OFFSET: u64 = 1 << 20;
+const ENCODED_LEN: usize = 72;
+/// Where the log region starts: 1 MiB, aligned for any device.
+pub const LOG_OFFSET: u64 = 1 << 20;
+/// Bounds of the log region: 1/128 of the disk, rounded down to whole MiB, within these.
+pub const MIN_LOG_SIZE: u64 = 4 << 20;
+pub const MAX_LOG_SIZE: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Superblock {
@@ -27,6 +35,8 @@ pub struct Superblock {
     pub chunk_size: u64,
     pub data_offset: u64,
     pub slots: u64,
+    pub log_offset: u64,
+    pub log_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,13 +56,30 @@ pub enum SuperblockError {
 impl Superblock {
     /// Lays out a new disk of `disk_size` bytes.
     pub fn new(disk_size: u64, chunk_size: u64) -> Option<Self> {
-        let slots = disk_size.checked_sub(DATA_OFFSET)? / chunk_size;
+        let log_size = Self::log_size_for(disk_size);
+        let data_offset = LOG_OFFSET + log_size;
+        let slots = disk_size.checked_sub(data_offset)? / chunk_size;
         (slots > 0).then(|| Self {
             uuid: *uuid::Uuid::new_v4().as_bytes(),
             chunk_size,
-            data_offset: DATA_OFFSET,
+            data_offset,
             slots,
+            log_offset: LOG_OFFSET,
+            log_size,
         })
+    }
+
+    fn log_size_for(disk_size: u64) -> u64 {
+        (disk_size / 128 / (1 << 20) * (1 << 20)).clamp(MIN_LOG_SIZE, MAX_LOG_SIZE)
+    }
+
+    /// The smallest disk size that holds `slots` chunk slots (for file-backed disks and tests).
+    pub fn disk_size_for(slots: u64, chunk_size: u64) -> u64 {
+        let mut size = LOG_OFFSET + MIN_LOG_SIZE + slots * chunk_size;
+        while Self::new(size, chunk_size).is_none_or(|sb| sb.slots < slots) {
+            size += chunk_size;
+        }
+        size
     }
 
     pub fn uuid_string(&self) -> String {
@@ -73,8 +100,10 @@ impl Superblock {
         b[28..36].copy_from_slice(&self.chunk_size.to_le_bytes());
         b[36..44].copy_from_slice(&self.data_offset.to_le_bytes());
         b[44..52].copy_from_slice(&self.slots.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..52]);
-        b[52..ENCODED_LEN].copy_from_slice(&crc.to_le_bytes());
+        b[52..60].copy_from_slice(&self.log_offset.to_le_bytes());
+        b[60..68].copy_from_slice(&self.log_size.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..68]);
+        b[68..ENCODED_LEN].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -88,18 +117,21 @@ impl Superblock {
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(b[52..56].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&b[0..52]) != crc {
-            return Err(SuperblockError::Checksum);
-        }
         if version != FORMAT_VERSION {
+            // Checked before the checksum: another format may keep its checksum elsewhere.
             return Err(SuperblockError::Version { found: version });
+        }
+        let crc = u32::from_le_bytes(b[68..72].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&b[0..68]) != crc {
+            return Err(SuperblockError::Checksum);
         }
         let sb = Self {
             uuid: b[12..28].try_into().expect("16 bytes"),
             chunk_size: u64_at(28),
             data_offset: u64_at(36),
             slots: u64_at(44),
+            log_offset: u64_at(52),
+            log_size: u64_at(60),
         };
         if sb.chunk_size == 0 || !sb.chunk_size.is_multiple_of(4096) {
             return Err(SuperblockError::Inconsistent(
@@ -109,6 +141,19 @@ impl Superblock {
         if sb.data_offset < SUPERBLOCK_SIZE as u64 || !sb.data_offset.is_multiple_of(4096) {
             return Err(SuperblockError::Inconsistent(
                 "data offset overlaps the superblock",
+            ));
+        }
+        if sb.log_offset < SUPERBLOCK_SIZE as u64
+            || !sb.log_offset.is_multiple_of(4096)
+            || sb.log_size < MIN_LOG_SIZE
+            || !sb.log_size.is_multiple_of(4096)
+            || sb
+                .log_offset
+                .checked_add(sb.log_size)
+                .is_none_or(|end| end > sb.data_offset)
+        {
+            return Err(SuperblockError::Inconsistent(
+                "log region overlaps the superblock or the data",
             ));
         }
         if sb
@@ -132,7 +177,18 @@ mod tests {
     #[test]
     fn round_trip_and_bit_flips() {
         let sb = Superblock::new(1 << 30, 4 << 20).unwrap();
-        assert_eq!(sb.slots, ((1 << 30) - DATA_OFFSET) / (4 << 20));
+        assert_eq!(sb.log_size, 8 << 20, "1/128 of the disk");
+        assert_eq!(sb.slots, ((1 << 30) - LOG_OFFSET - (8 << 20)) / (4 << 20));
+        let small = Superblock::new(256 << 20, 4 << 20).unwrap();
+        assert_eq!(small.log_size, MIN_LOG_SIZE);
+        let big = Superblock::new(1 << 40, 4 << 20).unwrap();
+        assert_eq!(big.log_size, MAX_LOG_SIZE);
+        let ten = Superblock::new(10 << 30, 4 << 20).unwrap();
+        assert_eq!(ten.log_size, 80 << 20);
+        for slots in [1, 2, 8, 500, 3000] {
+            let size = Superblock::disk_size_for(slots, 4 << 20);
+            assert_eq!(Superblock::new(size, 4 << 20).unwrap().slots, slots);
+        }
         let b = sb.encode();
         assert_eq!(Superblock::decode(&b), Ok(sb));
         for i in 0..ENCODED_LEN {
@@ -149,22 +205,22 @@ mod tests {
             Err(SuperblockError::NoMagic)
         );
         assert!(
-            Superblock::new(DATA_OFFSET + 100, 4 << 20).is_none(),
+            Superblock::new(LOG_OFFSET + MIN_LOG_SIZE + 100, 4 << 20).is_none(),
             "too small for one slot"
         );
     }
 
-    /// An unknown version with a valid checksum is refused by version, not checksum.
+    /// Another version is refused by version, not checksum, whatever it keeps where.
     #[test]
-    fn future_version_refused() {
-        let mut b = Superblock::new(1 << 30, 4 << 20).unwrap().encode();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..52]);
-        b[52..56].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(
-            Superblock::decode(&b),
-            Err(SuperblockError::Version { found: 2 })
-        );
+    fn other_versions_refused() {
+        for v in [1u32, 3] {
+            let mut b = Superblock::new(1 << 30, 4 << 20).unwrap().encode();
+            b[8..12].copy_from_slice(&v.to_le_bytes());
+            assert_eq!(
+                Superblock::decode(&b),
+                Err(SuperblockError::Version { found: v })
+            );
+        }
     }
 
     proptest! {

@@ -1,13 +1,16 @@
 //! Cairn's storage node: chunks with per-block CRC32C on the server's local disks.
 //!
 //! Modules:
-//! - [`format`]: the versioned on-disk superblock (magic, format version, disk uuid, CRC).
+//! - [`format`]: the versioned on-disk superblock (magic, format version, disk uuid, log
+//!   region, CRC).
 //! - [`engine`]: the `ChunkEngine` seam and its implementations — [`engine::disk::DiskEngine`]
-//!   (slots on a disk file or block device, O_DIRECT, group-committed fdatasync, chunk index in
-//!   RocksDB; small writes journaled with their data, larger ones behind crash-recoverable
-//!   write intents) and [`engine::mem::MemEngine`] (in memory) —
-//!   held to one conformance suite (`engine::conformance`); the disk engine runs over io_uring
-//!   (one ring thread per disk, registered buffers) or pread/pwrite.
+//!   (slots on a disk file or block device, O_DIRECT; every change first goes to the disk's own
+//!   write-ahead log, [`engine::log`], batched into one durable write per group commit: small
+//!   writes with their data, larger ones as crash-recoverable intents; the chunk index in
+//!   RocksDB is brought up to date at checkpoints, [`engine::replay`] rebuilds the state at
+//!   open) and [`engine::mem::MemEngine`] (in memory) — held to one conformance suite
+//!   (`engine::conformance`); the disk engine runs over io_uring (one ring thread per disk,
+//!   registered buffers) or pread/pwrite.
 //!
 //! Contract: an acknowledged write is on media; every read is checked against the block's
 //! CRC32C; a crash leaves every block with its old or its new data, and a block that is
@@ -20,7 +23,8 @@
 //!
 //! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats.
 //!
-//! Fuzz targets for the frame decoder, request validation and superblock decoder are in
+//! Fuzz targets for the frame decoder, request validation, the superblock and log batch
+//! decoders are in
 //! `fuzz/`; the engine-vs-fio benchmark is `benches/engine/run`.
 
 pub mod engine;

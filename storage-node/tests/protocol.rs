@@ -23,7 +23,7 @@ struct Node {
 async fn node() -> Node {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let disk = dir.path().join("disk");
-    DiskEngine::create_file(&disk, (1 << 20) + 8 * CHUNK_SIZE).unwrap();
+    DiskEngine::create_file(&disk, DiskEngine::file_size_for(8)).unwrap();
     let engine = DiskEngine::open(&disk, &dir.path().join("index"))
         .await
         .unwrap();

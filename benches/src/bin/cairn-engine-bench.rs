@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
         let _ = std::fs::remove_dir_all(&index);
         let chunks = size / CHUNK_SIZE;
-        DiskEngine::create_file(path, (1 << 20) + (chunks + 1) * CHUNK_SIZE)?;
+        DiskEngine::create_file(path, DiskEngine::file_size_for(chunks + 1))?;
         let e = Arc::new(DiskEngine::open_with(path, &index, kind).await?);
         // Reads need data to read; writes go to allocated chunks as in steady state.
         for c in 0..chunks {

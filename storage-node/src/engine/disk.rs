@@ -1,33 +1,35 @@
-//! The disk engine: chunks in fixed 4 MiB slots of a disk file or block device, the chunk
-//! index in RocksDB beside it.
+//! The disk engine: chunks in fixed 4 MiB slots of a disk file or block device, a write-ahead
+//! log in its own region of the same disk (`log`), and the chunk index in RocksDB beside it,
+//! brought up to date from the log at checkpoints — RocksDB is off the write path.
 //!
 //! # Write protocol, and what a crash at each step leaves
-//! 1. Under the chunk's write lock, an *intent* (chunk, slot, first block, new CRCs) is written
-//!    to the index, synced. Crash after: recovery finds the intent; every block still holds
-//!    its old data (old CRC) and stays as it was.
-//! 2. The data is written in place (O_DIRECT). Crash during or after: each block holds the old
-//!    data, the new data, or — only on power loss on a device without atomic 4 KiB writes — a
-//!    mix. Recovery tells them apart by CRC: new → committed, old → kept, neither → marked
-//!    torn (reads fail with `Torn`, not `Corrupt`; the write was never acknowledged).
-//! 3. fdatasync (group-committed across concurrent writers). After it the data is on media.
-//! 4. The block CRCs replace the intent in the index (not synced: the intent already makes
-//!    the outcome recoverable), and the write is acknowledged.
-//!
-//! That is the path of writes larger than [`JOURNAL_MAX`].
-//!
-//! Small writes (≤ [`JOURNAL_MAX`]) take a shorter path with one flush instead of two
-//! (BlueStore's deferred writes):
-//! 1. One synced index batch holds the data itself (a journal entry), the new block CRCs and,
-//!    for a new chunk, its slot. After it the write is durable and acknowledged once step 2 is
-//!    done. A crash before it leaves the old data and CRCs untouched.
+//! Small writes (≤ [`JOURNAL_MAX`]), with one flush:
+//! 1. A log record with the data itself (and, for a new chunk, its slot) is made durable,
+//!    batched with every other record queued meanwhile (one write and one flush per batch).
+//!    Crash before it is durable: replay does not find it (or finds it torn and ignores it);
+//!    the old data and checksums stand. After: the write is durable, and replay redoes it.
 //! 2. The data is written in place, not flushed. A crash before it reaches media is repaired
-//!    at open: journal entries are replayed in sequence order wherever the index still holds
-//!    their CRC, then flushed, then dropped. No block of a small write is ever torn.
-//! 3. Every [`CHECKPOINT_EVERY`] writes, one fdatasync makes the in-place copies durable and
-//!    the journal entries are dropped.
+//!    by replay, which puts the logged data in place again. The write is acknowledged.
 //!
-//! Discard: the index drops the blocks (synced), then the file's range is punched, so space
-//! goes back to the filesystem; a crash in between leaves unmapped blocks that read as zeros.
+//! Large writes, whose bandwidth matters more than a second flush:
+//! 1. A log record with the new checksum of every block (an *intent*) is made durable. Crash
+//!    after: every block still holds its old data and stays as it was.
+//! 2. The data is written in place, then flushed. Crash during or after: each block holds the
+//!    old data, the new data, or — only on power loss on a device without atomic 4 KiB writes —
+//!    a mix. Replay tells them apart by checksum: new → committed, old → kept, neither →
+//!    marked torn (reads fail with `Torn`, not `Corrupt`; the write was never acknowledged).
+//!    After the flush the write is acknowledged.
+//!
+//! Discard: a log record, made durable; then the blocks are unmapped in memory and the space is
+//! punched out of the file. Crash in between: replay unmaps them again.
+//!
+//! # Checkpoints
+//! When the log is half full (after the write that filled it, or when a write finds no room): with no operation between its log record and
+//! its effect in memory, the engine notes the log's end and takes the blocks changed since the
+//! last checkpoint; then, letting writes go on, it flushes the disk (every in-place write of a
+//! record before that end is on media after it) and writes those blocks' state and the new log
+//! tail to the index in one synced batch. Crash before that batch: the old tail stands and
+//! replay redoes the records, which is idempotent. After it, the log before the tail is free.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -36,58 +38,43 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::index::{Index, Intent, Journal, Op};
+use super::index::{Index, Op};
 use super::io::{DiskFile, IoKind};
+use super::log::{self, Log, Record, Tail};
+use super::replay::{Chunks, Meta};
 use super::*;
 use crate::format::{Superblock, SUPERBLOCK_SIZE};
 
-#[derive(Clone)]
-struct Meta {
-    slot: u64,
-    crcs: Box<[u32]>,
-    mapped: Bitmap,
-    torn: Bitmap,
-}
-
-impl Meta {
-    fn new(slot: u64) -> Self {
-        Self {
-            slot,
-            crcs: vec![0; BLOCKS_PER_CHUNK].into(),
-            mapped: Bitmap::default(),
-            torn: Bitmap::default(),
-        }
-    }
-}
-
-#[derive(Default)]
-struct Inner {
-    chunks: HashMap<ChunkId, Meta>,
-    free: BTreeSet<u64>,
-}
-
-pub struct DiskEngine {
-    sb: Superblock,
-    file: DiskFile,
-    index: Arc<Index>,
-    inner: Mutex<Inner>,
-    /// One lock per chunk: writes and discards exclusive, reads shared, so a read never sees a
-    /// block between its data and its checksum.
-    locks: Mutex<HashMap<ChunkId, Arc<tokio::sync::RwLock<()>>>>,
-    next_seq: AtomicU64,
-    corrupt_reads: AtomicU64,
-    /// Journaled writes complete in place, not yet covered by a checkpoint's fdatasync.
-    journaled: Mutex<Vec<u64>>,
-}
-
-/// Writes up to this size are journaled with their data (one flush); larger ones use the
-/// intent protocol (their bandwidth matters more than a second flush).
+/// Writes up to this size go through the log with their data (one flush); larger ones write
+/// only their checksums there and flush the data in place (two flushes, no double write).
 pub const JOURNAL_MAX: u64 = 64 << 10;
-/// A checkpoint (one fdatasync) retires this many journaled writes at a time.
-const CHECKPOINT_EVERY: usize = 256;
+/// Added to the log's sequence numbers at every open, so a batch torn by the crash before can
+/// never be taken for a later one written over the same place.
+const SEQ_GAP: u64 = 1 << 20;
 
 fn io_err(e: std::io::Error) -> EngineError {
     EngineError::Io(e)
+}
+
+pub struct DiskEngine {
+    s: Arc<Shared>,
+}
+
+struct Shared {
+    sb: Superblock,
+    file: Arc<DiskFile>,
+    index: Arc<Index>,
+    log: Log,
+    inner: Mutex<Chunks>,
+    /// One lock per chunk: writes and discards exclusive, reads shared, so a read never sees a
+    /// block between its data and its checksum.
+    locks: Mutex<HashMap<ChunkId, Arc<tokio::sync::RwLock<()>>>>,
+    /// Held shared by every operation from its log record until its effect is in memory and
+    /// in place; a checkpoint takes it exclusively for the moment it needs a consistent view.
+    gate: tokio::sync::RwLock<()>,
+    /// One checkpoint at a time.
+    checkpointing: tokio::sync::Mutex<()>,
+    corrupt_reads: AtomicU64,
 }
 
 impl DiskEngine {
@@ -99,6 +86,11 @@ impl DiskEngine {
             .open(path)?;
         f.set_len(size)?;
         f.sync_all()
+    }
+
+    /// The size of a disk file that holds `slots` chunks.
+    pub fn file_size_for(slots: u64) -> u64 {
+        Superblock::disk_size_for(slots, CHUNK_SIZE)
     }
 
     /// Opens a Cairn disk, formatting it first if it has never been one (all-zero superblock
@@ -118,299 +110,203 @@ impl DiskEngine {
             Err(crate::format::SuperblockError::NoMagic)
                 if head.as_ref().iter().all(|&b| b == 0) =>
             {
-                let size = file.size()?;
-                let sb = Superblock::new(size, CHUNK_SIZE).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "disk {} ({size} bytes) is too small for one chunk",
-                        disk.display()
-                    )
-                })?;
-                file.write_at(0, Bytes::from(sb.encode())).await?;
-                // After this sync the disk is a Cairn disk; a crash before it leaves zeros,
-                // and the next open formats it again.
-                file.sync().await?;
-                tracing::info!(disk = %disk.display(), uuid = %sb.uuid_string(), slots = sb.slots, "formatted disk");
-                sb
+                format(&file, disk).await?
             }
             Err(e) => anyhow::bail!("disk {}: {e}; refusing to use it", disk.display()),
         };
+        let file = Arc::new(file);
         let index = Index::open(&index_dir.join(sb.uuid_string()), &sb.uuid_string())?;
-        let engine = Self {
+        let (chunks, tail) = recover(&sb, &file, &index).await?;
+        let s = Arc::new(Shared {
+            log: Log::new(
+                file.clone(),
+                sb.log_offset,
+                sb.log_size,
+                log::salt(&sb.uuid),
+                tail,
+            ),
             sb,
             file,
             index: Arc::new(index),
-            inner: Mutex::default(),
+            inner: Mutex::new(chunks),
             locks: Mutex::default(),
-            next_seq: AtomicU64::new(1),
+            gate: tokio::sync::RwLock::new(()),
+            checkpointing: tokio::sync::Mutex::new(()),
             corrupt_reads: AtomicU64::new(0),
-            journaled: Mutex::default(),
-        };
-        engine.load_and_recover().await?;
-        Ok(engine)
+        });
+        Ok(Self { s })
     }
 
-    /// Whether a failed sync has poisoned the disk (it then serves nothing).
+    /// Whether a failed write or sync has poisoned the disk (it then serves nothing).
     pub fn poisoned(&self) -> bool {
-        self.file.is_poisoned()
+        self.s.file.is_poisoned()
     }
 
     /// Whether I/O goes through io_uring.
     pub fn uses_uring(&self) -> bool {
-        self.file.uses_uring()
+        self.s.file.uses_uring()
     }
 
     /// Whether the disk is opened with O_DIRECT (false only where the filesystem refused it).
     pub fn direct_io(&self) -> bool {
-        self.file.direct
+        self.s.file.direct
     }
 
     pub fn uuid(&self) -> String {
-        self.sb.uuid_string()
+        self.s.sb.uuid_string()
     }
 
     pub fn capacity_bytes(&self) -> u64 {
-        self.sb.slots * self.sb.chunk_size
+        self.s.sb.slots * self.s.sb.chunk_size
+    }
+
+    /// Bytes of the log in use (records not yet covered by a checkpoint).
+    pub fn log_used(&self) -> u64 {
+        self.s.log.used()
     }
 
     /// Byte offset on the disk of `offset` within `chunk`, if the chunk holds a slot (tests and
     /// operators use it to look at or damage the raw data).
     pub fn disk_offset(&self, chunk: ChunkId, offset: u64) -> Option<u64> {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.s.inner.lock().expect("lock");
         inner
             .chunks
             .get(&chunk)
-            .map(|m| self.sb.slot_offset(m.slot) + offset)
+            .map(|m| self.s.sb.slot_offset(m.slot) + offset)
     }
 
-    async fn load_and_recover(&self) -> anyhow::Result<()> {
-        let loaded = self.index.load()?;
-        let mut inner = Inner::default();
-        for (c, slot) in loaded.slots {
-            anyhow::ensure!(
-                slot < self.sb.slots,
-                "index maps chunk {c} to slot {slot} past the disk's end"
-            );
-            inner.chunks.insert(c, Meta::new(slot));
-        }
-        for (c, b, crc) in loaded.blocks {
-            let m = inner
-                .chunks
-                .get_mut(&c)
-                .ok_or_else(|| anyhow::anyhow!("block of chunk {c} without a slot"))?;
-            m.crcs[b] = crc;
-            m.mapped.set(b, true);
-        }
-        for (c, b) in loaded.torn {
-            if let Some(m) = inner.chunks.get_mut(&c) {
-                m.torn.set(b, true);
-            }
-        }
-        let mut ops = Vec::new();
-        let mut max_seq = 0;
-        // Journal replays and intent recoveries, in the order the writes were made.
-        enum Pending {
-            Intent(Intent),
-            Journal(Journal),
-        }
-        let mut pending: Vec<(u64, Pending)> = loaded
-            .intents
-            .into_iter()
-            .map(|i| (i.seq, Pending::Intent(i)))
-            .chain(
-                loaded
-                    .journal
-                    .into_iter()
-                    .map(|j| (j.seq, Pending::Journal(j))),
-            )
-            .collect();
-        pending.sort_by_key(|(seq, _)| *seq);
-        let mut replayed = 0;
-        for (seq, p) in pending {
-            max_seq = max_seq.max(seq);
-            match p {
-                Pending::Intent(intent) => {
-                    self.recover_intent(&mut inner, &intent, &mut ops).await?;
-                    ops.push(Op::DoneIntent(seq));
-                }
-                Pending::Journal(j) => {
-                    replayed += self.replay_journal(&inner, &j).await?;
-                    ops.push(Op::DoneJournal(seq));
-                }
-            }
-        }
-        if replayed > 0 {
-            // The replayed blocks reach media before their journal entries are dropped below.
-            self.file.sync().await?;
-            tracing::info!(blocks = replayed, "replayed journaled writes");
-        }
-        let used: BTreeSet<u64> = inner.chunks.values().map(|m| m.slot).collect();
-        inner.free = (0..self.sb.slots).filter(|s| !used.contains(s)).collect();
-        if !ops.is_empty() {
-            // Synced: the recovered outcome is final before the engine serves anything.
-            self.index.apply(&ops, true)?;
-        }
-        self.next_seq.store(max_seq + 1, Ordering::Relaxed);
-        *self.inner.lock().expect("lock") = inner;
+    /// Runs a checkpoint now (normally the log asks for one when it is half full).
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.s.checkpoint().await
+    }
+
+    /// Makes `r` durable in the log and stops there, as a crash right after step 1 of an
+    /// operation would; the engine must be dropped (the "crash") before anything else.
+    #[cfg(any(test, feature = "conformance"))]
+    pub async fn crash_after_log(&self, r: Record) -> Result<()> {
+        self.s.reserve(&r).await?;
+        let _gate = self.s.gate.read().await;
+        self.s.log.append(r).await.map_err(io_err)?;
         Ok(())
     }
+}
 
-    /// Writes a journaled write's blocks in place again — each block only while the index
-    /// still holds that write's checksum for it (a later write, discard or a reuse of the slot
-    /// by another chunk supersedes it). Returns the number of blocks written.
-    async fn replay_journal(&self, inner: &Inner, j: &Journal) -> anyhow::Result<usize> {
-        let Some(m) = inner.chunks.get(&j.chunk).filter(|m| m.slot == j.slot) else {
-            return Ok(0);
-        };
-        let mut n = 0;
-        for (i, block) in j.data.chunks(BLOCK_SIZE as usize).enumerate() {
-            let b = j.first_block + i;
-            if b < BLOCKS_PER_CHUNK && m.mapped.get(b) && m.crcs[b] == crc32c::crc32c(block) {
-                let off = self.sb.slot_offset(j.slot) + b as u64 * BLOCK_SIZE;
-                self.file.write_at(off, j.data.slice_ref(block)).await?;
-                n += 1;
-            }
-        }
-        Ok(n)
+/// Formats a disk: the superblock, and zeros over the log region, so later log writes
+/// allocate nothing (on a file) and a stale batch can never be found there.
+async fn format(file: &DiskFile, disk: &Path) -> anyhow::Result<Superblock> {
+    let size = file.size()?;
+    let sb = Superblock::new(size, CHUNK_SIZE).ok_or_else(|| {
+        anyhow::anyhow!(
+            "disk {} ({size} bytes) is too small for its log and one chunk",
+            disk.display()
+        )
+    })?;
+    let zeros = io::AlignedBuf::zeroed(1 << 20).into_bytes();
+    let mut at = 0;
+    while at < sb.log_size {
+        let n = (sb.log_size - at).min(zeros.len() as u64);
+        file.write_at(sb.log_offset + at, zeros.slice(..n as usize))
+            .await?;
+        at += n;
     }
+    // The zeroed log reaches media before the superblock is written: a crash in between
+    // leaves no superblock, and the next open formats again.
+    file.sync().await?;
+    file.write_at(0, Bytes::from(sb.encode())).await?;
+    // After this sync the disk is a Cairn disk.
+    file.sync().await?;
+    tracing::info!(disk = %disk.display(), uuid = %sb.uuid_string(), slots = sb.slots, log_bytes = sb.log_size, "formatted disk");
+    Ok(sb)
+}
 
-    /// Retires journal entries whose in-place writes are complete: one fdatasync makes them
-    /// durable in place, then the entries go (not synced: replaying one again is harmless).
-    async fn checkpoint(&self) -> Result<()> {
-        let seqs = std::mem::take(&mut *self.journaled.lock().expect("journal lock"));
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        self.file.sync().await.map_err(|_| EngineError::Poisoned)?;
-        let ops: Vec<Op> = seqs.into_iter().map(Op::DoneJournal).collect();
-        self.index.apply(&ops, false)
-    }
-
-    /// A small write: data and checksums in one synced index batch, then in place.
-    async fn write_journaled(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
-        let lock = self.lock_for(chunk);
-        let _g = lock.write().await;
-        let crcs = block_crcs(&data);
-        let first = (offset / BLOCK_SIZE) as usize;
-        let (slot, new_slot, torn) = {
-            let mut inner = self.inner.lock().expect("lock");
-            match inner.chunks.get(&chunk) {
-                Some(m) => {
-                    let torn: Vec<usize> = (first..first + crcs.len())
-                        .filter(|b| m.torn.get(*b))
-                        .collect();
-                    (m.slot, false, torn)
-                }
-                None => (
-                    inner.free.pop_first().ok_or(EngineError::NoSpace)?,
-                    true,
-                    vec![],
-                ),
-            }
-        };
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let mut ops = vec![Op::Journal(Journal {
-            seq,
-            chunk,
-            slot,
-            first_block: first,
-            data: data.clone(),
-        })];
-        ops.extend(
-            crcs.iter()
-                .enumerate()
-                .map(|(i, c)| Op::Block(chunk, first + i, *c)),
+/// The chunk state at open: the index's checkpoint, then the log replayed over it. Replayed
+/// data is put in place and flushed, and the result checkpointed (synced) before the engine
+/// serves anything; the log then starts empty. Returns the state and the log's new tail.
+async fn recover(
+    sb: &Superblock,
+    file: &Arc<DiskFile>,
+    index: &Index,
+) -> anyhow::Result<(Chunks, Tail)> {
+    let loaded = index.load()?;
+    let mut c = Chunks::default();
+    for (chunk, slot) in loaded.slots {
+        anyhow::ensure!(
+            slot < sb.slots,
+            "index maps chunk {chunk} to slot {slot} past the disk's end"
         );
-        ops.extend(torn.iter().map(|b| Op::Torn(chunk, *b, false)));
-        if new_slot {
-            ops.push(Op::Slot(chunk, slot));
+        c.chunks.insert(chunk, Meta::new(slot));
+    }
+    for (chunk, b, crc) in loaded.blocks {
+        let m = c
+            .chunks
+            .get_mut(&chunk)
+            .ok_or_else(|| anyhow::anyhow!("block of chunk {chunk} without a slot"))?;
+        m.crcs[b] = crc;
+        m.mapped.set(b, true);
+    }
+    for (chunk, b) in loaded.torn {
+        if let Some(m) = c.chunks.get_mut(&chunk) {
+            m.torn.set(b, true);
         }
-        // Step 1: data, checksums (and the slot) on media, atomically: the write is durable.
-        if let Err(e) = self.index_sync(ops).await {
-            if new_slot {
-                self.inner.lock().expect("lock").free.insert(slot);
-            }
-            return Err(e);
-        }
-        // Step 2: in place. A crash before it lands is repaired by replay at the next open.
-        if let Err(e) = self
-            .file
-            .write_at(self.sb.slot_offset(slot) + offset, data)
-            .await
-        {
-            // The index already holds the new checksums, and the bytes in place are unknown:
-            // serving reads now could report false corruption, so stop until a restart
-            // replays the journal.
-            self.file.poison();
-            return Err(io_err(e));
-        }
-        {
-            let mut inner = self.inner.lock().expect("lock");
-            let m = inner.chunks.entry(chunk).or_insert_with(|| Meta::new(slot));
-            for (i, c) in crcs.iter().enumerate() {
-                m.crcs[first + i] = *c;
-                m.mapped.set(first + i, true);
-                m.torn.set(first + i, false);
-            }
-        }
-        let due = {
-            let mut j = self.journaled.lock().expect("journal lock");
-            j.push(seq);
-            j.len() >= CHECKPOINT_EVERY
+    }
+    let used: BTreeSet<u64> = c.chunks.values().map(|m| m.slot).collect();
+    c.free = (0..sb.slots).filter(|s| !used.contains(s)).collect();
+
+    let tail = loaded.tail.unwrap_or(Tail { pos: 0, seq: 1 });
+    let salt = log::salt(&sb.uuid);
+    let replay = Log::read(file, sb.log_offset, sb.log_size, salt, tail).await?;
+    let records = replay.records.len();
+    let mut pending = HashMap::new();
+    for (_, r) in replay.records {
+        c.replay(r, sb.slots, &mut pending, |slot, first| {
+            read_blocks(file, sb, slot, first)
+        })
+        .await?;
+    }
+    let replayed = pending.len();
+    for ((chunk, b), data) in pending {
+        let Some(slot) = c.chunks.get(&chunk).map(|m| m.slot) else {
+            continue;
         };
-        drop(_g);
-        if due {
-            self.checkpoint().await?;
-        }
-        Ok(())
+        file.write_at(sb.slot_offset(slot) + b as u64 * BLOCK_SIZE, data)
+            .await?;
     }
-
-    /// Decides, block by block, what a write that may have been cut by a crash left behind.
-    async fn recover_intent(
-        &self,
-        inner: &mut Inner,
-        it: &Intent,
-        ops: &mut Vec<Op>,
-    ) -> anyhow::Result<()> {
-        let n = it.crcs.len();
-        let off = self.sb.slot_offset(it.slot) + it.first_block as u64 * BLOCK_SIZE;
-        let data = self.file.read_at(off, n * BLOCK_SIZE as usize).await?;
-        let existed = inner.chunks.contains_key(&it.chunk);
-        let mut new_blocks = 0;
-        let mut torn = 0;
-        {
-            let m = inner
-                .chunks
-                .entry(it.chunk)
-                .or_insert_with(|| Meta::new(it.slot));
-            for (i, block) in data.as_ref().chunks(BLOCK_SIZE as usize).enumerate() {
-                let b = it.first_block + i;
-                let crc = crc32c::crc32c(block);
-                if crc == it.crcs[i] {
-                    m.crcs[b] = crc;
-                    m.mapped.set(b, true);
-                    m.torn.set(b, false);
-                    ops.push(Op::Block(it.chunk, b, crc));
-                    ops.push(Op::Torn(it.chunk, b, false));
-                    new_blocks += 1;
-                } else if m.mapped.get(b) && crc != m.crcs[b] {
-                    m.torn.set(b, true);
-                    ops.push(Op::Torn(it.chunk, b, true));
-                    torn += 1;
-                }
-                // Otherwise: the old data (mapped, matching) or an unmapped block: unchanged.
-            }
-        }
-        if !existed {
-            if new_blocks > 0 {
-                ops.push(Op::Slot(it.chunk, it.slot));
-            } else {
-                inner.chunks.remove(&it.chunk);
-            }
-        }
-        tracing::info!(chunk = %it.chunk, blocks = n, new_blocks, torn, "recovered an interrupted write");
-        Ok(())
+    // The replayed data reaches media before the index moves past the records holding it.
+    file.sync().await?;
+    let end = Tail {
+        pos: replay.end.pos,
+        seq: replay.end.seq + SEQ_GAP,
+    };
+    let mut ops = c.take_dirty();
+    ops.push(Op::Tail(end));
+    // Synced: the recovered state is final before the engine serves anything.
+    index.apply(&ops, true)?;
+    if records > 0 {
+        tracing::info!(
+            records,
+            blocks_put_back = replayed,
+            "replayed the disk's log"
+        );
     }
+    Ok((c, end))
+}
 
+/// Reads a whole-chunk-tail span of a slot starting at block `first` (an intent's blocks lie
+/// within it; reading to the chunk's end keeps the call shape simple).
+async fn read_blocks(
+    file: &DiskFile,
+    sb: &Superblock,
+    slot: u64,
+    first: usize,
+) -> std::io::Result<Bytes> {
+    let len = (BLOCKS_PER_CHUNK - first) * BLOCK_SIZE as usize;
+    Ok(file
+        .read_at(sb.slot_offset(slot) + first as u64 * BLOCK_SIZE, len)
+        .await?
+        .into_bytes())
+}
+
+impl Shared {
     fn lock_for(&self, chunk: ChunkId) -> Arc<tokio::sync::RwLock<()>> {
         self.locks
             .lock()
@@ -427,118 +323,116 @@ impl DiskEngine {
         Ok(())
     }
 
-    async fn index_sync(&self, ops: Vec<Op>) -> Result<()> {
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || index.apply(&ops, true))
-            .await
-            .map_err(|e| EngineError::Index(e.to_string()))?
-    }
-}
-
-impl ChunkEngine for DiskEngine {
-    async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
-        check_range(offset, data.len() as u64)?;
-        self.check_poisoned()?;
-        if data.len() as u64 <= JOURNAL_MAX {
-            return self.write_journaled(chunk, offset, data).await;
+    /// The chunk's slot, taking a free one for a new chunk (`true`: taken here; give it back
+    /// with `give_back` if the write fails before its record is durable).
+    fn slot_for(&self, chunk: ChunkId) -> Result<(u64, bool)> {
+        let mut inner = self.inner.lock().expect("lock");
+        match inner.chunks.get(&chunk) {
+            Some(m) => Ok((m.slot, false)),
+            None => Ok((inner.free.pop_first().ok_or(EngineError::NoSpace)?, true)),
         }
+    }
+
+    fn give_back(&self, slot: u64, new_slot: bool) {
+        if new_slot {
+            self.inner.lock().expect("lock").free.insert(slot);
+        }
+    }
+
+    /// The log failed or an in-place write failed after its record was durable: memory no
+    /// longer describes the disk, so nothing more is served until a restart replays the log.
+    fn poison(&self) -> EngineError {
+        self.file.poison();
+        self.log.fail();
+        EngineError::Poisoned
+    }
+
+    async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
         let lock = self.lock_for(chunk);
         let _g = lock.write().await;
-        let crcs = block_crcs(&data);
         let first = (offset / BLOCK_SIZE) as usize;
-        let (slot, new_slot) = {
-            let mut inner = self.inner.lock().expect("lock");
-            match inner.chunks.get(&chunk) {
-                Some(m) => (m.slot, false),
-                None => (inner.free.pop_first().ok_or(EngineError::NoSpace)?, true),
+        let (slot, new_slot) = self.slot_for(chunk)?;
+        let crcs = block_crcs(&data);
+        let small = data.len() as u64 <= JOURNAL_MAX;
+        let record = if small {
+            Record::Write {
+                chunk,
+                slot,
+                first_block: first,
+                data: data.clone(),
+            }
+        } else {
+            Record::Intent {
+                chunk,
+                slot,
+                first_block: first,
+                crcs: crcs.clone(),
             }
         };
-        let give_back = |e: EngineError| {
-            if new_slot {
-                self.inner.lock().expect("lock").free.insert(slot);
+        if let Err(e) = self.reserve(&record).await {
+            self.give_back(slot, new_slot);
+            return Err(e);
+        }
+        let _gate = self.gate.read().await;
+        // Step 1: the record is durable.
+        if self.log.append(record).await.is_err() {
+            return Err(self.poison());
+        }
+        let at = self.sb.slot_offset(slot) + offset;
+        if small {
+            // Step 2: in place, not flushed; replay repairs it if it never lands.
+            if self.file.write_at(at, data).await.is_err() {
+                return Err(self.poison());
             }
-            e
+        } else {
+            // Step 2: in place, then flushed.
+            let written = async {
+                self.file.write_at(at, data).await?;
+                self.file.sync().await
+            }
+            .await;
+            if let Err(e) = written {
+                return Err(self
+                    .settle_failed_intent(chunk, slot, first, &crcs, e)
+                    .await);
+            }
+        }
+        self.inner
+            .lock()
+            .expect("lock")
+            .set_blocks(chunk, slot, first, &crcs);
+        Ok(())
+    }
+
+    /// A large write failed after its intent was durable: what landed is unknown. Settle it as
+    /// replay would, so reads never report a false corruption for these blocks.
+    async fn settle_failed_intent(
+        &self,
+        chunk: ChunkId,
+        slot: u64,
+        first: usize,
+        crcs: &[u32],
+        e: std::io::Error,
+    ) -> EngineError {
+        if self.file.is_poisoned() {
+            return self.poison();
+        }
+        let on_disk = match read_blocks(&self.file, &self.sb, slot, first).await {
+            Ok(b) => b,
+            Err(_) => return self.poison(),
         };
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let intent = Intent {
-            seq,
-            chunk,
-            slot,
-            first_block: first,
-            crcs: crcs.clone(),
-        };
-        // Step 1: the intent is on media.
-        self.index_sync(vec![Op::Intent(intent.clone())])
-            .await
-            .map_err(give_back)?;
-        // Step 2 and 3: the data is on media.
-        let written = async {
-            self.file
-                .write_at(self.sb.slot_offset(slot) + offset, data)
-                .await?;
-            self.file.sync().await
+        let mut inner = self.inner.lock().expect("lock");
+        let existed = inner.chunks.contains_key(&chunk);
+        inner.chunks.entry(chunk).or_insert_with(|| Meta::new(slot));
+        let out = inner.settle_intent(chunk, first, crcs, &on_disk, &HashMap::new());
+        if !existed && out.new_blocks == 0 {
+            inner.chunks.remove(&chunk);
+            inner.free.insert(slot);
         }
-        .await;
-        if let Err(e) = written {
-            // What landed is unknown: settle it the way a restart would, so reads never
-            // report a false corruption for these blocks. Only this chunk is touched (its write
-            // lock is held): recover on a copy of its metadata, then put that entry back.
-            let mut one = Inner::default();
-            if let Some(m) = self.inner.lock().expect("lock").chunks.get(&chunk).cloned() {
-                one.chunks.insert(chunk, m);
-            }
-            let mut ops = Vec::new();
-            let r = self.recover_intent(&mut one, &intent, &mut ops).await;
-            {
-                let mut inner = self.inner.lock().expect("lock");
-                match one.chunks.remove(&chunk) {
-                    Some(m) => {
-                        inner.chunks.insert(chunk, m);
-                    }
-                    None if new_slot => {
-                        inner.free.insert(slot);
-                    }
-                    None => {}
-                }
-            }
-            if r.is_ok() {
-                ops.push(Op::DoneIntent(seq));
-                let _ = self.index.apply(&ops, true);
-            }
-            return Err(if self.file.is_poisoned() {
-                EngineError::Poisoned
-            } else {
-                io_err(e)
-            });
-        }
-        // Step 4: the CRCs replace the intent; the write is acknowledged.
-        let mut ops: Vec<Op> = crcs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Op::Block(chunk, first + i, *c))
-            .collect();
-        if new_slot {
-            ops.push(Op::Slot(chunk, slot));
-        }
-        ops.push(Op::DoneIntent(seq));
-        {
-            let mut inner = self.inner.lock().expect("lock");
-            let m = inner.chunks.entry(chunk).or_insert_with(|| Meta::new(slot));
-            for (i, c) in crcs.iter().enumerate() {
-                if m.torn.get(first + i) {
-                    ops.push(Op::Torn(chunk, first + i, false));
-                    m.torn.set(first + i, false);
-                }
-                m.crcs[first + i] = *c;
-                m.mapped.set(first + i, true);
-            }
-        }
-        self.index.apply(&ops, false)
+        io_err(e)
     }
 
     async fn read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Bytes> {
-        check_range(offset, len)?;
-        self.check_poisoned()?;
         let lock = self.lock_for(chunk);
         let _g = lock.read().await;
         let first = (offset / BLOCK_SIZE) as usize;
@@ -552,7 +446,7 @@ impl ChunkEngine for DiskEngine {
                 (m.slot, blocks)
             })
         };
-        let Some((slot, blocks)) = snapshot.filter(|(_, b)| b.iter().any(|x| x.0)) else {
+        let Some((slot, blocks)) = snapshot.filter(|(_, b)| b.iter().any(|x| x.0 || x.1)) else {
             return Ok(Bytes::from(vec![0u8; len as usize]));
         };
         let mut buf = self
@@ -562,13 +456,13 @@ impl ChunkEngine for DiskEngine {
             .map_err(io_err)?;
         for (i, block) in buf.as_mut().chunks_mut(BLOCK_SIZE as usize).enumerate() {
             let (mapped, torn, crc) = blocks[i];
-            if !mapped {
-                block.fill(0);
-            } else if torn {
+            if torn {
                 return Err(EngineError::Torn {
                     chunk,
                     block: first + i,
                 });
+            } else if !mapped {
+                block.fill(0);
             } else if crc32c::crc32c(block) != crc {
                 self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%chunk, block = first + i, "checksum mismatch: corrupt block");
@@ -582,65 +476,159 @@ impl ChunkEngine for DiskEngine {
     }
 
     async fn discard(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len)?;
-        self.check_poisoned()?;
         let lock = self.lock_for(chunk);
         let _g = lock.write().await;
         let first = (offset / BLOCK_SIZE) as usize;
         let n = (len / BLOCK_SIZE) as usize;
-        let plan = {
+        let anything = {
             let inner = self.inner.lock().expect("lock");
-            inner.chunks.get(&chunk).map(|m| {
-                let mut ops = Vec::new();
-                let mut after = m.mapped.clone();
-                for b in first..first + n {
-                    if m.mapped.get(b) {
-                        ops.push(Op::Unmap(chunk, b));
-                        after.set(b, false);
-                    }
-                    if m.torn.get(b) {
-                        ops.push(Op::Torn(chunk, b, false));
-                    }
-                }
-                let free = after.count() == 0;
-                if free {
-                    ops.push(Op::FreeSlot(chunk));
-                }
-                (m.slot, ops, free)
-            })
+            inner
+                .chunks
+                .get(&chunk)
+                .is_some_and(|m| (first..first + n).any(|b| m.mapped.get(b) || m.torn.get(b)))
         };
-        let Some((slot, ops, free)) = plan else {
+        if !anything {
             return Ok(());
-        };
-        // The index forgets the blocks before their bytes go: a crash between leaves unmapped
-        // blocks (zeros), never mapped blocks over a hole.
-        self.index_sync(ops).await?;
-        {
-            let mut inner = self.inner.lock().expect("lock");
-            if free {
-                inner.chunks.remove(&chunk);
-                inner.free.insert(slot);
-            } else if let Some(m) = inner.chunks.get_mut(&chunk) {
-                for b in first..first + n {
-                    m.mapped.set(b, false);
-                    m.torn.set(b, false);
-                }
-            }
         }
-        let (off, l) = if free { (0, CHUNK_SIZE) } else { (offset, len) };
-        self.file.punch_hole(self.sb.slot_offset(slot) + off, l);
+        let record = Record::Discard {
+            chunk,
+            first_block: first,
+            blocks: n,
+        };
+        self.reserve(&record).await?;
+        let freed = {
+            let _gate = self.gate.read().await;
+            // The record is durable before any block is forgotten: a crash after it replays
+            // the discard; before it, nothing changed.
+            if self.log.append(record).await.is_err() {
+                return Err(self.poison());
+            }
+            self.inner.lock().expect("lock").unmap(chunk, first, n)
+        };
+        // The space goes back after the blocks are unmapped (they read as zeros whatever the
+        // file holds), and a freed slot is reused only after its hole is punched — never
+        // punching a hole in another chunk's new data.
+        match freed {
+            Some(slot) => {
+                self.file.punch_hole(self.sb.slot_offset(slot), CHUNK_SIZE);
+                self.inner.lock().expect("lock").free.insert(slot);
+            }
+            None => self
+                .file
+                .punch_hole(self.sb.slot_offset(self.slot_of(chunk)?) + offset, len),
+        }
+        Ok(())
+    }
+
+    /// Room in the log for `r`, checkpointing while there is none. Called before the gate is
+    /// taken (a checkpoint waits for the gate's holders).
+    async fn reserve(&self, r: &Record) -> Result<()> {
+        while !self.log.try_reserve(r).map_err(|_| EngineError::Poisoned)? {
+            self.checkpoint().await?;
+            // What is left is reserved by records on their way into a batch; let them land.
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint if the log is over half full and none is running; the caller waits for it
+    /// (a write that finds the log half full pays for the checkpoint, once per half a log).
+    /// The operation itself is durable already: a failed checkpoint poisons the disk for what
+    /// comes next, it does not fail this one.
+    async fn maybe_checkpoint(&self) {
+        if !self.log.wants_checkpoint() {
+            return;
+        }
+        let Ok(one) = self.checkpointing.try_lock() else {
+            return;
+        };
+        if let Err(e) = self.checkpoint_locked(one).await {
+            tracing::error!(error = %e, "checkpoint failed; the disk is poisoned");
+        }
+    }
+
+    fn slot_of(&self, chunk: ChunkId) -> Result<u64> {
+        self.inner
+            .lock()
+            .expect("lock")
+            .chunks
+            .get(&chunk)
+            .map(|m| m.slot)
+            .ok_or_else(|| EngineError::Index(format!("chunk {chunk} vanished under its lock")))
+    }
+
+    /// Moves the index up to the log's end and frees the log before it. See the module
+    /// comment for what a crash at each step leaves.
+    async fn checkpoint(&self) -> Result<()> {
+        let one = self.checkpointing.lock().await;
+        self.checkpoint_locked(one).await
+    }
+
+    async fn checkpoint_locked(&self, _one: tokio::sync::MutexGuard<'_, ()>) -> Result<()> {
+        self.check_poisoned()?;
+        let (end, mut ops) = {
+            // Exclusive for a moment: every record before `end` has its effect in memory (and
+            // its in-place write complete), and no record after it does.
+            let _all = self.gate.write().await;
+            let end = self.log.end();
+            let ops = self.inner.lock().expect("lock").take_dirty();
+            (end, ops)
+        };
+        if ops.is_empty() && self.log.used() == 0 {
+            return Ok(());
+        }
+        // Step 1: the in-place data of every record before `end` is on media.
+        if self.file.sync().await.is_err() {
+            return Err(self.poison());
+        }
+        // Step 2: the index holds the state as of `end`, and the new tail.
+        ops.push(Op::Tail(end));
+        let index = self.index.clone();
+        let applied = tokio::task::spawn_blocking(move || index.apply(&ops, true))
+            .await
+            .map_err(|e| EngineError::Index(e.to_string()))
+            .and_then(|r| r);
+        if let Err(e) = applied {
+            // The dirty set is gone from memory and not in the index: only a replay of the
+            // log from the old tail can rebuild it.
+            tracing::error!(error = %e, "checkpoint could not write the index");
+            return Err(self.poison());
+        }
+        self.log.retire(end);
+        Ok(())
+    }
+}
+
+impl ChunkEngine for DiskEngine {
+    async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
+        check_range(offset, data.len() as u64)?;
+        self.s.check_poisoned()?;
+        self.s.write(chunk, offset, data).await?;
+        self.s.maybe_checkpoint().await;
+        Ok(())
+    }
+
+    async fn read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Bytes> {
+        check_range(offset, len)?;
+        self.s.check_poisoned()?;
+        self.s.read(chunk, offset, len).await
+    }
+
+    async fn discard(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len)?;
+        self.s.check_poisoned()?;
+        self.s.discard(chunk, offset, len).await?;
+        self.s.maybe_checkpoint().await;
         Ok(())
     }
 
     async fn flush(&self) -> Result<()> {
-        self.check_poisoned()?;
-        // Acknowledged writes are durable already; this also retires the journal.
-        self.checkpoint().await?;
-        self.file.sync().await.map_err(|_| EngineError::Poisoned)
+        // Every acknowledged write is durable already (in the log or flushed in place).
+        self.s.check_poisoned()
     }
 
     fn chunk_info(&self, chunk: ChunkId) -> Result<Option<ChunkInfo>> {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.s.inner.lock().expect("lock");
         Ok(inner.chunks.get(&chunk).map(|m| ChunkInfo {
             chunk,
             mapped: m.mapped.0.to_vec(),
@@ -650,6 +638,7 @@ impl ChunkEngine for DiskEngine {
 
     fn chunks(&self) -> Vec<ChunkId> {
         let mut v: Vec<ChunkId> = self
+            .s
             .inner
             .lock()
             .expect("lock")
@@ -662,11 +651,11 @@ impl ChunkEngine for DiskEngine {
     }
 
     fn stats(&self) -> EngineStats {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.s.inner.lock().expect("lock");
         EngineStats {
             chunks: inner.chunks.len() as u64,
             free_slots: inner.free.len() as u64,
-            corrupt_reads: self.corrupt_reads.load(Ordering::Relaxed),
+            corrupt_reads: self.s.corrupt_reads.load(Ordering::Relaxed),
             torn_blocks: inner.chunks.values().map(|m| m.torn.count() as u64).sum(),
         }
     }

@@ -1,13 +1,12 @@
-//! The chunk index of one disk, in RocksDB: which slot holds each chunk, the CRC32C of every
-//! mapped block, and the write intents that make a crash recoverable.
+//! The chunk index of one disk, in RocksDB: which slot holds each chunk and the CRC32C of every
+//! mapped block, as of the last checkpoint, and where the disk's log continues from it.
 //!
 //! Keys:
 //! - `f` → index format version and the disk's uuid (checked against the superblock)
 //! - `s` + chunk (16 bytes) → slot (u64)
 //! - `b` + chunk + block (u16) → CRC32C (u32); present = mapped
-//! - `i` + sequence (u64) → an intent: chunk, slot, first block, new CRCs
 //! - `t` + chunk + block → present: the block was torn by a crash (see `EngineError::Torn`)
-//! - `j` + sequence (u64) → a journaled small write: chunk, slot, first block, the data itself
+//! - `l` → the log's tail: position (u64) and sequence number (u64) of its first live record
 //!
 //! All integers big-endian so keys sort by chunk and block.
 
@@ -15,9 +14,11 @@ use std::path::Path;
 
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
+use super::log::Tail;
 use super::{ChunkId, EngineError, Result};
 
-pub const INDEX_FORMAT: u32 = 1;
+/// 2: the intents and journal moved to the disk's own log (`engine::log`).
+pub const INDEX_FORMAT: u32 = 2;
 
 fn err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Index(e.to_string())
@@ -56,114 +57,13 @@ fn torn_key(c: ChunkId, block: usize) -> Vec<u8> {
     k
 }
 
-fn intent_key(seq: u64) -> Vec<u8> {
-    let mut k = vec![b'i'];
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
+const TAIL_KEY: &[u8] = b"l";
 
-/// A write that may be on its way to the disk: recorded, synced, before the data is written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Intent {
-    pub seq: u64,
-    pub chunk: ChunkId,
-    pub slot: u64,
-    pub first_block: usize,
-    pub crcs: Vec<u32>,
-}
-
-impl Intent {
-    fn encode(&self) -> Vec<u8> {
-        let mut v = encode_head(self.chunk, self.slot, self.first_block, 4 * self.crcs.len());
-        for c in &self.crcs {
-            v.extend_from_slice(&c.to_be_bytes());
-        }
-        v
-    }
-
-    fn decode(seq: u64, v: &[u8]) -> Result<Self> {
-        let (chunk, slot, first_block, body) = decode_head(v, 4)
-            .ok_or_else(|| err(format!("intent {seq} is malformed ({} bytes)", v.len())))?;
-        let crcs = body
-            .chunks(4)
-            .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
-            .collect();
-        Ok(Self {
-            seq,
-            chunk,
-            slot,
-            first_block,
-            crcs,
-        })
-    }
-}
-
-/// The header intents and journal entries share: chunk (16 bytes), slot (8), first block (2).
-const HEAD: usize = 26;
-
-fn encode_head(chunk: ChunkId, slot: u64, first_block: usize, body: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEAD + body);
-    v.extend_from_slice(&chunk_bytes(chunk));
-    v.extend_from_slice(&slot.to_be_bytes());
-    v.extend_from_slice(
-        &u16::try_from(first_block)
-            .expect("block < 1024")
-            .to_be_bytes(),
-    );
+fn encode_tail(t: Tail) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&t.pos.to_be_bytes());
+    v[8..].copy_from_slice(&t.seq.to_be_bytes());
     v
-}
-
-/// Splits a record into its header and a non-empty body of whole `unit`s.
-fn decode_head(v: &[u8], unit: usize) -> Option<(ChunkId, u64, usize, &[u8])> {
-    let body = v
-        .get(HEAD..)
-        .filter(|b| !b.is_empty() && b.len().is_multiple_of(unit))?;
-    Some((
-        chunk_from(&v[..16]),
-        u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
-        usize::from(u16::from_be_bytes(v[24..26].try_into().expect("2 bytes"))),
-        body,
-    ))
-}
-
-/// A small write journaled with its data (see the disk engine's write protocol).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Journal {
-    pub seq: u64,
-    pub chunk: ChunkId,
-    pub slot: u64,
-    pub first_block: usize,
-    pub data: bytes::Bytes,
-}
-
-impl Journal {
-    fn encode(&self) -> Vec<u8> {
-        let mut v = encode_head(self.chunk, self.slot, self.first_block, self.data.len());
-        v.extend_from_slice(&self.data);
-        v
-    }
-
-    fn decode(seq: u64, v: &[u8]) -> Result<Self> {
-        let (chunk, slot, first_block, body) = decode_head(v, 4096).ok_or_else(|| {
-            err(format!(
-                "journal entry {seq} is malformed ({} bytes)",
-                v.len()
-            ))
-        })?;
-        Ok(Self {
-            seq,
-            chunk,
-            slot,
-            first_block,
-            data: bytes::Bytes::copy_from_slice(body),
-        })
-    }
-}
-
-fn journal_key(seq: u64) -> Vec<u8> {
-    let mut k = vec![b'j'];
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
 }
 
 /// Everything the index holds, as loaded at open.
@@ -171,9 +71,8 @@ fn journal_key(seq: u64) -> Vec<u8> {
 pub struct Loaded {
     pub slots: Vec<(ChunkId, u64)>,
     pub blocks: Vec<(ChunkId, usize, u32)>,
-    pub intents: Vec<Intent>,
     pub torn: Vec<(ChunkId, usize)>,
-    pub journal: Vec<Journal>,
+    pub tail: Option<Tail>,
 }
 
 pub struct Index {
@@ -186,11 +85,8 @@ pub enum Op {
     FreeSlot(ChunkId),
     Block(ChunkId, usize, u32),
     Unmap(ChunkId, usize),
-    Intent(Intent),
-    DoneIntent(u64),
     Torn(ChunkId, usize, bool),
-    Journal(Journal),
-    DoneJournal(u64),
+    Tail(Tail),
 }
 
 impl Index {
@@ -242,13 +138,11 @@ impl Index {
                     let block = usize::from(u16::from_be_bytes(k[17..19].try_into().map_err(err)?));
                     l.torn.push((chunk_from(&k[1..17]), block));
                 }
-                (Some(b'i'), 9) => {
-                    let seq = u64::from_be_bytes(k[1..9].try_into().map_err(err)?);
-                    l.intents.push(Intent::decode(seq, &v)?);
-                }
-                (Some(b'j'), 9) => {
-                    let seq = u64::from_be_bytes(k[1..9].try_into().map_err(err)?);
-                    l.journal.push(Journal::decode(seq, &v)?);
+                (Some(b'l'), 1) if v.len() == 16 => {
+                    l.tail = Some(Tail {
+                        pos: u64::from_be_bytes(v[..8].try_into().map_err(err)?),
+                        seq: u64::from_be_bytes(v[8..].try_into().map_err(err)?),
+                    });
                 }
                 (Some(b'f'), 1) => {}
                 _ => return Err(err(format!("unknown index key {k:?}"))),
@@ -266,12 +160,9 @@ impl Index {
                 Op::FreeSlot(c) => b.delete(slot_key(*c)),
                 Op::Block(c, i, crc) => b.put(block_key(*c, *i), crc.to_be_bytes()),
                 Op::Unmap(c, i) => b.delete(block_key(*c, *i)),
-                Op::Intent(i) => b.put(intent_key(i.seq), i.encode()),
-                Op::DoneIntent(seq) => b.delete(intent_key(*seq)),
                 Op::Torn(c, i, true) => b.put(torn_key(*c, *i), []),
                 Op::Torn(c, i, false) => b.delete(torn_key(*c, *i)),
-                Op::Journal(j) => b.put(journal_key(j.seq), j.encode()),
-                Op::DoneJournal(seq) => b.delete(journal_key(*seq)),
+                Op::Tail(t) => b.put(TAIL_KEY, encode_tail(*t)),
             }
         }
         let mut wo = WriteOptions::default();

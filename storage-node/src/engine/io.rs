@@ -169,17 +169,41 @@ impl DiskFile {
 
     /// Writes `data` at `offset`. Not durable until [`DiskFile::sync`] returns.
     pub async fn write_at(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        self.write(offset, data, false).await
+    }
+
+    /// Writes `data` at `offset` and returns once it is durable (RWF_DSYNC: a FUA write where
+    /// the device has it, else a write and a cache flush, in one request). Does not make
+    /// *other* writes durable. A failure poisons the file, as a failed sync does.
+    pub async fn write_durable(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        if self.is_poisoned() {
+            return Err(io::Error::other("disk poisoned by an earlier failed sync"));
+        }
+        let r = self.write(offset, data, true).await;
+        if r.is_err() {
+            self.poison();
+        }
+        r
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, dsync: bool) -> io::Result<()> {
         if let Some(r) = &self.ring {
-            return r.write(offset, data).await;
+            return r.write(offset, data, dsync).await;
         }
         let file = self.file.clone();
         let direct = self.direct;
         tokio::task::spawn_blocking(move || {
-            if direct && !(data.as_ptr() as usize).is_multiple_of(IO_ALIGN) {
-                let buf = AlignedBuf::copy_from(&data);
-                file.write_all_at(buf.as_ref(), offset)
+            let aligned;
+            let buf: &[u8] = if direct && !(data.as_ptr() as usize).is_multiple_of(IO_ALIGN) {
+                aligned = AlignedBuf::copy_from(&data);
+                aligned.as_ref()
             } else {
-                file.write_all_at(&data, offset)
+                &data
+            };
+            if dsync {
+                pwrite_dsync(&file, buf, offset)
+            } else {
+                file.write_all_at(buf, offset)
             }
         })
         .await
@@ -232,6 +256,33 @@ impl DiskFile {
             )
         };
     }
+}
+
+/// pwritev2 with RWF_DSYNC, the whole buffer.
+fn pwrite_dsync(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !buf.is_empty() {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let off = i64::try_from(offset).map_err(io::Error::other)?;
+        // SAFETY: one iovec over a live slice, read-only for the kernel; a descriptor we own.
+        let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, libc::RWF_DSYNC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        buf = &buf[n as usize..];
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// Group commit for an expensive idempotent operation (a sync): a caller's request is covered

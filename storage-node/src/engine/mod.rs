@@ -17,7 +17,9 @@ pub mod disk;
 pub mod fault;
 pub mod index;
 pub mod io;
+pub mod log;
 pub mod mem;
+pub mod replay;
 pub mod uring;
 
 #[cfg(any(test, feature = "conformance"))]

@@ -37,6 +37,9 @@ enum Req {
     Write {
         off: u64,
         data: Bytes,
+        /// RWF_DSYNC: complete only once the data (and what is needed to read it back) is on
+        /// media — a FUA write where the device has it, else a write and a cache flush.
+        dsync: bool,
         tx: oneshot::Sender<io::Result<()>>,
     },
     Fsync {
@@ -118,9 +121,14 @@ impl Ring {
             .map_err(|_| io::Error::other("io_uring thread stopped"))?
     }
 
-    pub async fn write(&self, off: u64, data: Bytes) -> io::Result<()> {
+    pub async fn write(&self, off: u64, data: Bytes, dsync: bool) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(Req::Write { off, data, tx });
+        self.send(Req::Write {
+            off,
+            data,
+            dsync,
+            tx,
+        });
         rx.await
             .map_err(|_| io::Error::other("io_uring thread stopped"))?
     }
@@ -163,6 +171,7 @@ struct InFlight {
     buf: Option<Buf>,
     reply: Done,
     is_write: bool,
+    rw_flags: i32,
 }
 
 struct RingThread {
@@ -225,6 +234,7 @@ impl RingThread {
         let f = self.slots[slot].as_mut().expect("slot in use");
         let off = f.off + f.done as u64;
         let rest = u32::try_from(f.len - f.done).expect("I/O under 4 GiB");
+        let flags = f.rw_flags;
         let sqe = match (f.buf.as_mut().expect("buffer in flight"), f.is_write) {
             (Buf::Fixed(i), false) => {
                 let p = self.pool[*i].as_mut().as_mut_ptr();
@@ -248,6 +258,7 @@ impl RingThread {
                     u16::try_from(*i).expect("< 64"),
                 )
                 .offset(off)
+                .rw_flags(flags)
                 .build()
             }
             (Buf::Owned(b), false) => {
@@ -260,12 +271,14 @@ impl RingThread {
                 // SAFETY: as above.
                 opcode::Write::new(fd, unsafe { b.as_ref().as_ptr().add(f.done) }, rest)
                     .offset(off)
+                    .rw_flags(flags)
                     .build()
             }
             (Buf::Data(d), _) => {
                 // SAFETY: as above; `Bytes` keeps its storage alive while held here.
                 opcode::Write::new(fd, unsafe { d.as_ptr().add(f.done) }, rest)
                     .offset(off)
+                    .rw_flags(flags)
                     .build()
             }
         };
@@ -286,6 +299,7 @@ impl RingThread {
                     buf: None,
                     reply: Done::Write(tx),
                     is_write: false,
+                    rw_flags: 0,
                 },
                 true,
             ),
@@ -307,11 +321,17 @@ impl RingThread {
                         buf: Some(buf),
                         reply: Done::Read(tx),
                         is_write: false,
+                        rw_flags: 0,
                     },
                     false,
                 )
             }
-            Req::Write { off, data, tx } => {
+            Req::Write {
+                off,
+                data,
+                dsync,
+                tx,
+            } => {
                 let len = data.len();
                 let buf = match self.free_fixed.pop() {
                     Some(i) if len <= FIXED_BUF_SIZE => {
@@ -337,6 +357,7 @@ impl RingThread {
                         buf: Some(buf),
                         reply: Done::Write(tx),
                         is_write: true,
+                        rw_flags: if dsync { libc::RWF_DSYNC } else { 0 },
                     },
                     false,
                 )
