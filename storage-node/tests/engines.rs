@@ -50,6 +50,10 @@ impl Harness for Disk {
         &self.engine
     }
     fn corrupt(&self, chunk: ChunkId, block: usize) {
+        // The in-place copy of a just-acknowledged write may still be on its way.
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(self.engine.settle())
+        });
         let at = self
             .engine
             .disk_offset(chunk, block as u64 * BLOCK_SIZE)
@@ -471,6 +475,8 @@ async fn journal_replay() {
         e.write(C, 8192, Bytes::from(vec![0x44u8; 8192]))
             .await
             .unwrap();
+        // The in-place copies have landed: the garbage below is not overwritten by them.
+        e.settle().await;
         (path, e.disk_offset(C, 0).unwrap())
     };
     // The in-place copies are lost: garbage where the data should be.

@@ -205,10 +205,10 @@ async fn corruption_reported_over_the_wire() {
         .await
         .unwrap();
     assert_eq!(status(&r), pb::Status::Ok);
-    let at = n
-        .server
-        .disk(&n.server.node_uuid)
-        .unwrap()
+    let disk = n.server.disk(&n.server.node_uuid).unwrap();
+    // The in-place copy of the write may still be on its way; damage it once it has landed.
+    disk.settle().await;
+    let at = disk
         .disk_offset(
             ChunkId {
                 volume: 1,

@@ -5,11 +5,13 @@
 //! # Write protocol, and what a crash at each step leaves
 //! Small writes (≤ [`JOURNAL_MAX`]), with one flush:
 //! 1. A log record with the data itself (and, for a new chunk, its slot) is made durable,
-//!    batched with every other record queued meanwhile (one write and one flush per batch).
+//!    batched with every other record queued meanwhile (one RWF_DSYNC write per batch).
 //!    Crash before it is durable: replay does not find it (or finds it torn and ignores it);
 //!    the old data and checksums stand. After: the write is durable, and replay redoes it.
-//! 2. The data is written in place, not flushed. A crash before it reaches media is repaired
-//!    by replay, which puts the logged data in place again. The write is acknowledged.
+//!    The write is acknowledged.
+//! 2. The data is written in place, not flushed, while the chunk stays locked (a read of it
+//!    waits for this step). A crash before it reaches media is repaired by replay, which puts
+//!    the logged data in place again.
 //!
 //! Large writes, whose bandwidth matters more than a second flush:
 //! 1. A log record with the new checksum of every block (an *intent*) is made durable. Crash
@@ -24,9 +26,9 @@
 //! punched out of the file. Crash in between: replay unmaps them again.
 //!
 //! # Checkpoints
-//! When the log is half full (after the write that filled it, or when a write finds no room): with no operation between its log record and
-//! its effect in memory, the engine notes the log's end and takes the blocks changed since the
-//! last checkpoint; then, letting writes go on, it flushes the disk (every in-place write of a
+//! When the log is half full (after the write that filled it, or when a write finds no room):
+//! with no operation between its log record and its effect in memory, the engine notes the
+//! log's end and takes the blocks changed since the last checkpoint; then, letting writes go on, it flushes the disk (every in-place write of a
 //! record before that end is on media after it) and writes those blocks' state and the new log
 //! tail to the index in one synced batch. Crash before that batch: the old tail stands and
 //! replay redoes the records, which is idempotent. After it, the log before the tail is free.
@@ -64,14 +66,14 @@ struct Shared {
     sb: Superblock,
     file: Arc<DiskFile>,
     index: Arc<Index>,
-    log: Log,
-    inner: Mutex<Chunks>,
+    log: Arc<Log>,
+    inner: Arc<Mutex<Chunks>>,
     /// One lock per chunk: writes and discards exclusive, reads shared, so a read never sees a
     /// block between its data and its checksum.
     locks: Mutex<HashMap<ChunkId, Arc<tokio::sync::RwLock<()>>>>,
     /// Held shared by every operation from its log record until its effect is in memory and
     /// in place; a checkpoint takes it exclusively for the moment it needs a consistent view.
-    gate: tokio::sync::RwLock<()>,
+    gate: Arc<tokio::sync::RwLock<()>>,
     /// One checkpoint at a time.
     checkpointing: tokio::sync::Mutex<()>,
     corrupt_reads: AtomicU64,
@@ -118,19 +120,19 @@ impl DiskEngine {
         let index = Index::open(&index_dir.join(sb.uuid_string()), &sb.uuid_string())?;
         let (chunks, tail) = recover(&sb, &file, &index).await?;
         let s = Arc::new(Shared {
-            log: Log::new(
+            log: Arc::new(Log::new(
                 file.clone(),
                 sb.log_offset,
                 sb.log_size,
                 log::salt(&sb.uuid),
                 tail,
-            ),
+            )),
             sb,
             file,
             index: Arc::new(index),
-            inner: Mutex::new(chunks),
+            inner: Arc::new(Mutex::new(chunks)),
             locks: Mutex::default(),
-            gate: tokio::sync::RwLock::new(()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
             checkpointing: tokio::sync::Mutex::new(()),
             corrupt_reads: AtomicU64::new(0),
         });
@@ -173,6 +175,12 @@ impl DiskEngine {
             .chunks
             .get(&chunk)
             .map(|m| self.s.sb.slot_offset(m.slot) + offset)
+    }
+
+    /// Waits until every acknowledged write is also in place (small writes finish that step
+    /// after their acknowledgement). For tests and tools that look at the raw disk.
+    pub async fn settle(&self) {
+        drop(self.s.gate.write().await);
     }
 
     /// Runs a checkpoint now (normally the log asks for one when it is half full).
@@ -306,6 +314,12 @@ async fn read_blocks(
         .into_bytes())
 }
 
+fn poison(file: &DiskFile, log: &Log) -> EngineError {
+    file.poison();
+    log.fail();
+    EngineError::Poisoned
+}
+
 impl Shared {
     fn lock_for(&self, chunk: ChunkId) -> Arc<tokio::sync::RwLock<()>> {
         self.locks
@@ -323,33 +337,41 @@ impl Shared {
         Ok(())
     }
 
-    /// The chunk's slot, taking a free one for a new chunk (`true`: taken here; give it back
-    /// with `give_back` if the write fails before its record is durable).
+    /// The chunk's slot, taking a free one for a new chunk (`true`: taken here; the chunk is
+    /// there at once, with nothing mapped; `give_back` undoes it if the write fails).
     fn slot_for(&self, chunk: ChunkId) -> Result<(u64, bool)> {
         let mut inner = self.inner.lock().expect("lock");
-        match inner.chunks.get(&chunk) {
-            Some(m) => Ok((m.slot, false)),
-            None => Ok((inner.free.pop_first().ok_or(EngineError::NoSpace)?, true)),
+        if let Some(m) = inner.chunks.get(&chunk) {
+            return Ok((m.slot, false));
         }
+        let slot = inner.free.pop_first().ok_or(EngineError::NoSpace)?;
+        inner.chunks.insert(chunk, Meta::new(slot));
+        Ok((slot, true))
     }
 
-    fn give_back(&self, slot: u64, new_slot: bool) {
-        if new_slot {
-            self.inner.lock().expect("lock").free.insert(slot);
+    /// Undoes `slot_for` for a new chunk that got nothing mapped (the caller holds its lock).
+    fn give_back(&self, chunk: ChunkId, new_slot: bool) {
+        if !new_slot {
+            return;
+        }
+        let mut inner = self.inner.lock().expect("lock");
+        if let Some(m) = inner.chunks.get(&chunk) {
+            if m.mapped.count() == 0 && m.torn.count() == 0 {
+                let slot = m.slot;
+                inner.chunks.remove(&chunk);
+                inner.free.insert(slot);
+            }
         }
     }
 
     /// The log failed or an in-place write failed after its record was durable: memory no
     /// longer describes the disk, so nothing more is served until a restart replays the log.
     fn poison(&self) -> EngineError {
-        self.file.poison();
-        self.log.fail();
-        EngineError::Poisoned
+        poison(&self.file, &self.log)
     }
 
     async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
-        let lock = self.lock_for(chunk);
-        let _g = lock.write().await;
+        let chunk_guard = self.lock_for(chunk).write_owned().await;
         let first = (offset / BLOCK_SIZE) as usize;
         let (slot, new_slot) = self.slot_for(chunk)?;
         let crcs = block_crcs(&data);
@@ -370,37 +392,55 @@ impl Shared {
             }
         };
         if let Err(e) = self.reserve(&record).await {
-            self.give_back(slot, new_slot);
+            self.give_back(chunk, new_slot);
             return Err(e);
         }
-        let _gate = self.gate.read().await;
+        let gate = self.gate.clone().read_owned().await;
         // Step 1: the record is durable.
         if self.log.append(record).await.is_err() {
             return Err(self.poison());
         }
         let at = self.sb.slot_offset(slot) + offset;
         if small {
-            // Step 2: in place, not flushed; replay repairs it if it never lands.
-            if self.file.write_at(at, data).await.is_err() {
-                return Err(self.poison());
-            }
-        } else {
-            // Step 2: in place, then flushed.
-            let written = async {
-                self.file.write_at(at, data).await?;
-                self.file.sync().await
-            }
-            .await;
-            if let Err(e) = written {
-                return Err(self
-                    .settle_failed_intent(chunk, slot, first, &crcs, e)
-                    .await);
-            }
+            // Step 2, after the acknowledgement: in place, not flushed; replay repairs it if it
+            // never lands. Until it has landed and memory knows the new checksums, the chunk
+            // stays locked (reads and writes of it wait) and the gate held (a checkpoint
+            // waits); if it fails, the disk is poisoned and a restart replays the log.
+            let (file, log, inner) = (self.file.clone(), self.log.clone(), self.inner.clone());
+            tokio::spawn(async move {
+                if file.write_at(at, data).await.is_err() {
+                    tracing::error!(%chunk, "in-place write of a logged write failed");
+                    poison(&file, &log);
+                } else {
+                    inner
+                        .lock()
+                        .expect("lock")
+                        .set_blocks(chunk, slot, first, &crcs);
+                }
+                drop(gate);
+                drop(chunk_guard);
+            });
+            return Ok(());
+        }
+        // Step 2: in place, then flushed.
+        let written = async {
+            self.file.write_at(at, data).await?;
+            self.file.sync().await
+        }
+        .await;
+        if let Err(e) = written {
+            let e = self
+                .settle_failed_intent(chunk, slot, first, &crcs, e)
+                .await;
+            self.give_back(chunk, new_slot);
+            return Err(e);
         }
         self.inner
             .lock()
             .expect("lock")
             .set_blocks(chunk, slot, first, &crcs);
+        drop(gate);
+        drop(chunk_guard);
         Ok(())
     }
 
@@ -421,14 +461,13 @@ impl Shared {
             Ok(b) => b,
             Err(_) => return self.poison(),
         };
-        let mut inner = self.inner.lock().expect("lock");
-        let existed = inner.chunks.contains_key(&chunk);
-        inner.chunks.entry(chunk).or_insert_with(|| Meta::new(slot));
-        let out = inner.settle_intent(chunk, first, crcs, &on_disk, &HashMap::new());
-        if !existed && out.new_blocks == 0 {
-            inner.chunks.remove(&chunk);
-            inner.free.insert(slot);
-        }
+        self.inner.lock().expect("lock").settle_intent(
+            chunk,
+            first,
+            crcs,
+            &on_disk,
+            &HashMap::new(),
+        );
         io_err(e)
     }
 
