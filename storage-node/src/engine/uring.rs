@@ -1,8 +1,10 @@
-//! The io_uring backend: one ring per disk, owned by one thread, fed through a queue and an
-//! eventfd.
+//! The io_uring backend: one ring per disk, driven from the runtime's own threads.
 //!
-//! The thread drains every queued request into the submission queue and submits them with one
-//! system call (batched submission); completions are answered through oneshot channels. I/Os of
+//! A caller puts its request in the submission queue and submits it itself (one system call,
+//! no hand-off to another thread). The kernel signals completions on an eventfd registered
+//! with the ring; a task on the runtime waits for it (tokio's reactor, beside the sockets),
+//! reaps every completion and answers each through a oneshot channel — so an I/O costs one
+//! wake-up of a runtime thread, not a round trip through a ring thread. I/Os of
 //! up to [`FIXED_BUF_SIZE`] go through buffers registered with the ring once at start
 //! (READ_FIXED / WRITE_FIXED: the kernel skips pinning pages on every I/O); larger ones use
 //! plain READ / WRITE on aligned buffers.
@@ -11,11 +13,12 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use io_uring::{opcode, types, IoUring};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use super::io::AlignedBuf;
@@ -26,7 +29,6 @@ pub const FIXED_BUF_SIZE: usize = 128 << 10;
 const FIXED_BUFS: usize = 64;
 /// Submission queue entries.
 const RING_DEPTH: u32 = 256;
-const EVENTFD_TOKEN: u64 = u64::MAX;
 
 enum Req {
     Read {
@@ -47,30 +49,18 @@ enum Req {
     },
 }
 
-struct Shared {
-    queue: Mutex<VecDeque<Req>>,
-    efd: OwnedFd,
-    stop: AtomicBool,
-}
-
-impl Shared {
-    fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let _ = unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-}
-
-/// A ring and its thread for one disk.
+/// A ring for one disk.
 pub struct Ring {
-    shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    state: Arc<Mutex<RingState>>,
+    reaper: tokio::task::JoinHandle<()>,
 }
 
 impl Ring {
     /// Sets up the ring (fails where io_uring is unavailable: old kernels, seccomp, sysctl
-    /// `kernel.io_uring_disabled`), registers its buffers and starts its thread.
+    /// `kernel.io_uring_disabled`, or outside a tokio runtime), registers its buffers and an
+    /// eventfd for completions, and starts the task that reaps them.
     pub fn new(file: Arc<File>) -> io::Result<Self> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let ring = IoUring::new(RING_DEPTH)?;
         let mut pool: Vec<AlignedBuf> = (0..FIXED_BUFS)
             .map(|_| AlignedBuf::zeroed(FIXED_BUF_SIZE))
@@ -82,43 +72,39 @@ impl Ring {
                 iov_len: FIXED_BUF_SIZE,
             })
             .collect();
-        // SAFETY: the iovecs point into `pool`, which the ring thread owns and keeps alive (and
+        // SAFETY: the iovecs point into `pool`, which the ring state owns and keeps alive (and
         // never reallocates) for as long as the ring exists; the ring is dropped first.
         unsafe { ring.submitter().register_buffers(&iovecs)? };
         // SAFETY: plain eventfd creation; the result is checked before use.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `efd` is a fresh descriptor that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let shared = Arc::new(Shared {
-            queue: Mutex::default(),
-            efd,
-            stop: AtomicBool::new(false),
-        });
-        let thread = std::thread::Builder::new()
-            .name("cairn-uring".into())
-            .spawn({
-                let shared = shared.clone();
-                move || RingThread::new(ring, pool, file, shared).run()
-            })?;
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let efd = {
+            let _entered = runtime.enter();
+            // SAFETY: the OwnedFd moves into the AsyncFd and stays open, the same descriptor,
+            // for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
+                .map_err(|e| io::Error::other(e.to_string()))?
+        };
+        let state = Arc::new(Mutex::new(RingState::new(ring, pool, file)));
+        let reaper = runtime.spawn(reap(efd, state.clone()));
+        Ok(Self { state, reaper })
     }
 
     fn send(&self, r: Req) {
-        self.shared.queue.lock().expect("queue lock").push_back(r);
-        self.shared.wake();
+        let mut s = self.state.lock().expect("ring lock");
+        s.start(r);
+        s.submit_and_reap();
     }
 
     pub async fn read(&self, off: u64, len: usize) -> io::Result<AlignedBuf> {
         let (tx, rx) = oneshot::channel();
         self.send(Req::Read { off, len, tx });
-        rx.await
-            .map_err(|_| io::Error::other("io_uring thread stopped"))?
+        rx.await.map_err(|_| io::Error::other("io_uring stopped"))?
     }
 
     pub async fn write(&self, off: u64, data: Bytes, dsync: bool) -> io::Result<()> {
@@ -129,25 +115,49 @@ impl Ring {
             dsync,
             tx,
         });
-        rx.await
-            .map_err(|_| io::Error::other("io_uring thread stopped"))?
+        rx.await.map_err(|_| io::Error::other("io_uring stopped"))?
     }
 
     pub async fn fdatasync(&self) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
         self.send(Req::Fsync { tx });
-        rx.await
-            .map_err(|_| io::Error::other("io_uring thread stopped"))?
+        rx.await.map_err(|_| io::Error::other("io_uring stopped"))?
+    }
+}
+
+/// Waits for the eventfd and reaps completions, for the life of the ring.
+async fn reap(efd: AsyncFd<OwnedFd>, state: Arc<Mutex<RingState>>) {
+    loop {
+        let mut ready = match efd.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "io_uring eventfd failed; the disk stops completing I/O");
+                return;
+            }
+        };
+        let mut count = 0u64;
+        // Resets the counter (EAGAIN if it was reset already: nothing to do but reap). Readiness
+        // is cleared only if no signal came after it was seen (tokio tracks that), so a
+        // completion posted from here on wakes this task again.
+        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own.
+        let _ = unsafe {
+            libc::read(
+                efd.get_ref().as_raw_fd(),
+                (&mut count as *mut u64).cast(),
+                8,
+            )
+        };
+        ready.clear_ready();
+        state.lock().expect("ring lock").submit_and_reap();
     }
 }
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.reaper.abort();
+        // Every buffer an I/O in flight points into must outlive it: wait for all of them
+        // (they are disk I/Os, so this is short) before the state and its buffers go.
+        self.state.lock().expect("ring lock").drain();
     }
 }
 
@@ -174,59 +184,97 @@ struct InFlight {
     rw_flags: i32,
 }
 
-struct RingThread {
+struct RingState {
     // Field order is drop order: the ring (which references the registered buffers) goes
     // before the pool.
     ring: IoUring,
     pool: Vec<AlignedBuf>,
     free_fixed: Vec<usize>,
     file: Arc<File>,
-    shared: Arc<Shared>,
     slots: Vec<Option<InFlight>>,
     free_slots: Vec<usize>,
     backlog: VecDeque<Req>,
-    efd_buf: Box<u64>,
     inflight: usize,
 }
 
-impl RingThread {
-    fn new(ring: IoUring, pool: Vec<AlignedBuf>, file: Arc<File>, shared: Arc<Shared>) -> Self {
+impl RingState {
+    fn new(ring: IoUring, pool: Vec<AlignedBuf>, file: Arc<File>) -> Self {
         Self {
             ring,
             free_fixed: (0..pool.len()).collect(),
             pool,
             file,
-            shared,
             slots: Vec::new(),
             free_slots: Vec::new(),
             backlog: VecDeque::new(),
-            efd_buf: Box::new(0),
             inflight: 0,
+        }
+    }
+
+    /// Submits what is queued (without waiting) and answers every completion there is.
+    fn submit_and_reap(&mut self) {
+        loop {
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
+                    tracing::error!(error = %e, "io_uring submit failed");
+                }
+            }
+            if !self.reap_once() {
+                return;
+            }
+        }
+    }
+
+    /// Answers the completions in the queue, then starts what waited for a free slot.
+    /// Returns whether there were any (a completion may have queued a follow-up).
+    fn reap_once(&mut self) -> bool {
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for &(token, res) in &cqes {
+            self.complete(usize::try_from(token).expect("slot index"), res);
+        }
+        while let Some(r) = self.backlog.pop_front() {
+            if !self.start(r) {
+                break;
+            }
+        }
+        !cqes.is_empty()
+    }
+
+    /// Waits for every I/O in flight to complete (at drop).
+    fn drain(&mut self) {
+        while self.inflight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    // Without the completions the buffers cannot be proven idle: keep them
+                    // alive for good rather than let the kernel write into freed memory.
+                    tracing::error!(error = %e, "io_uring drain failed; leaking its buffers");
+                    std::mem::forget(std::mem::take(&mut self.pool));
+                    std::mem::forget(std::mem::take(&mut self.slots));
+                    return;
+                }
+            }
+            self.reap_once();
         }
     }
 
     /// Queues an SQE, submitting what is queued first if the submission queue is full.
     fn push(&mut self, sqe: io_uring::squeue::Entry) {
         for _ in 0..2 {
-            // SAFETY: every buffer an SQE points to is owned by `self` (pool, slot entry or
-            // efd_buf) and outlives the I/O: it is released only when its completion arrives.
+            // SAFETY: every buffer an SQE points to is owned by `self` (pool or slot entry) and
+            // outlives the I/O: it is released only when its completion arrives (or at drop,
+            // after `drain`).
             if unsafe { self.ring.submission().push(&sqe).is_ok() } {
                 return;
             }
             let _ = self.ring.submit();
         }
         panic!("io_uring submission queue still full after a submit");
-    }
-
-    fn arm_eventfd(&mut self) {
-        let sqe = opcode::Read::new(
-            types::Fd(self.shared.efd.as_raw_fd()),
-            (&mut *self.efd_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(EVENTFD_TOKEN);
-        self.push(sqe);
     }
 
     fn sqe_for(&mut self, slot: usize) -> io_uring::squeue::Entry {
@@ -436,81 +484,6 @@ impl RingThread {
             }
             (Done::Read(tx), None) => {
                 let _ = tx.send(Err(io::Error::other("read without a buffer")));
-            }
-        }
-    }
-
-    /// The eventfd read is always in flight, into `efd_buf`. Before that buffer is freed, the
-    /// read is cancelled and both completions (the read's and the cancel's) are reaped, so the
-    /// kernel never writes into freed memory.
-    fn cancel_eventfd_read(&mut self) {
-        const CANCEL_TOKEN: u64 = EVENTFD_TOKEN - 1;
-        self.push(
-            opcode::AsyncCancel::new(EVENTFD_TOKEN)
-                .build()
-                .user_data(CANCEL_TOKEN),
-        );
-        let mut seen = (false, false);
-        while !(seen.0 && seen.1) {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                // Without the completions the buffer cannot be proven idle: keep it alive.
-                std::mem::forget(std::mem::take(&mut self.efd_buf));
-                return;
-            }
-            for c in self.ring.completion() {
-                match c.user_data() {
-                    EVENTFD_TOKEN => seen.0 = true,
-                    CANCEL_TOKEN => seen.1 = true,
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    fn run(mut self) {
-        self.arm_eventfd();
-        loop {
-            let stopping = self.shared.stop.load(Ordering::Acquire);
-            if stopping
-                && self.inflight == 0
-                && self.backlog.is_empty()
-                && self.shared.queue.lock().expect("queue").is_empty()
-            {
-                self.cancel_eventfd_read();
-                return;
-            }
-            let reqs: Vec<Req> = {
-                let mut q = self.shared.queue.lock().expect("queue lock");
-                q.drain(..).collect()
-            };
-            while let Some(r) = self.backlog.pop_front() {
-                if !self.start(r) {
-                    break;
-                }
-            }
-            for r in reqs {
-                self.start(r);
-            }
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    tracing::error!(error = %e, "io_uring submit failed");
-                }
-                continue;
-            }
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (token, res) in cqes {
-                if token == EVENTFD_TOKEN {
-                    self.arm_eventfd();
-                } else {
-                    self.complete(usize::try_from(token).expect("slot index"), res);
-                }
             }
         }
     }
