@@ -26,7 +26,7 @@ const ENCODED_LEN: usize = 72;
 /// Where the log region starts: 1 MiB, aligned for any device.
 pub const LOG_OFFSET: u64 = 1 << 20;
 /// Bounds of the log region: 1/128 of the disk, rounded down to whole MiB, within these.
-pub const MIN_LOG_SIZE: u64 = 4 << 20;
+pub const MIN_LOG_SIZE: u64 = 8 << 20;
 pub const MAX_LOG_SIZE: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +184,10 @@ mod tests {
         let big = Superblock::new(1 << 40, 4 << 20).unwrap();
         assert_eq!(big.log_size, MAX_LOG_SIZE);
         let ten = Superblock::new(10 << 30, 4 << 20).unwrap();
+        assert_eq!(
+            Superblock::new(1 << 29, 4 << 20).unwrap().log_size,
+            MIN_LOG_SIZE
+        );
         assert_eq!(ten.log_size, 80 << 20);
         for slots in [1, 2, 8, 500, 3000] {
             let size = Superblock::disk_size_for(slots, 4 << 20);

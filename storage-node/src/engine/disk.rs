@@ -28,8 +28,9 @@
 //! # Checkpoints
 //! When the log is half full (after the write that filled it, or when a write finds no room):
 //! with no operation between its log record and its effect in memory, the engine notes the
-//! log's end and takes the blocks changed since the last checkpoint; then, letting writes go on, it flushes the disk (every in-place write of a
-//! record before that end is on media after it) and writes those blocks' state and the new log
+//! log's end and takes the blocks changed since the last checkpoint; then, letting writes go
+//! on, it flushes the disk (every in-place write of a record before that end is on media after
+//! it) and writes those blocks' state and the new log
 //! tail to the index in one synced batch. Crash before that batch: the old tail stands and
 //! replay redoes the records, which is idempotent. After it, the log before the tail is free.
 
@@ -43,6 +44,7 @@ use bytes::Bytes;
 use super::index::{Index, Op};
 use super::io::{DiskFile, IoKind};
 use super::log::{self, Log, Record, Tail};
+use super::rangelock::RangeLocks;
 use super::replay::{Chunks, Meta};
 use super::*;
 use crate::format::{Superblock, SUPERBLOCK_SIZE};
@@ -68,15 +70,17 @@ struct Shared {
     index: Arc<Index>,
     log: Arc<Log>,
     inner: Arc<Mutex<Chunks>>,
-    /// One lock per chunk: writes and discards exclusive, reads shared, so a read never sees a
-    /// block between its data and its checksum.
-    locks: Mutex<HashMap<ChunkId, Arc<tokio::sync::RwLock<()>>>>,
+    /// Block-range locks: a write holds its blocks, a discard its whole chunk, a read shares
+    /// its blocks — so a read never sees a block between its data and its checksum, and
+    /// operations on disjoint blocks of a chunk do not wait for each other.
+    locks: RangeLocks,
     /// Held shared by every operation from its log record until its effect is in memory and
     /// in place; a checkpoint takes it exclusively for the moment it needs a consistent view.
     gate: Arc<tokio::sync::RwLock<()>>,
     /// One checkpoint at a time.
     checkpointing: tokio::sync::Mutex<()>,
     corrupt_reads: AtomicU64,
+    checkpoints: AtomicU64,
 }
 
 impl DiskEngine {
@@ -131,10 +135,11 @@ impl DiskEngine {
             file,
             index: Arc::new(index),
             inner: Arc::new(Mutex::new(chunks)),
-            locks: Mutex::default(),
+            locks: RangeLocks::default(),
             gate: Arc::new(tokio::sync::RwLock::new(())),
             checkpointing: tokio::sync::Mutex::new(()),
             corrupt_reads: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
         });
         Ok(Self { s })
     }
@@ -160,6 +165,16 @@ impl DiskEngine {
 
     pub fn capacity_bytes(&self) -> u64 {
         self.s.sb.slots * self.s.sb.chunk_size
+    }
+
+    /// What the log has written since open.
+    pub fn log_stats(&self) -> log::LogStats {
+        self.s.log.stats()
+    }
+
+    /// Checkpoints run since open.
+    pub fn checkpoints(&self) -> u64 {
+        self.s.checkpoints.load(Ordering::Relaxed)
     }
 
     /// Bytes of the log in use (records not yet covered by a checkpoint).
@@ -266,8 +281,8 @@ async fn recover(
     let records = replay.records.len();
     let mut pending = HashMap::new();
     for (_, r) in replay.records {
-        c.replay(r, sb.slots, &mut pending, |slot, first| {
-            read_blocks(file, sb, slot, first)
+        c.replay(r, sb.slots, &mut pending, |slot, first, n| {
+            read_blocks(file, sb, slot, first, n)
         })
         .await?;
     }
@@ -299,15 +314,15 @@ async fn recover(
     Ok((c, end))
 }
 
-/// Reads a whole-chunk-tail span of a slot starting at block `first` (an intent's blocks lie
-/// within it; reading to the chunk's end keeps the call shape simple).
+/// Reads `n` blocks of a slot from block `first`.
 async fn read_blocks(
     file: &DiskFile,
     sb: &Superblock,
     slot: u64,
     first: usize,
+    n: usize,
 ) -> std::io::Result<Bytes> {
-    let len = (BLOCKS_PER_CHUNK - first) * BLOCK_SIZE as usize;
+    let len = n * BLOCK_SIZE as usize;
     Ok(file
         .read_at(sb.slot_offset(slot) + first as u64 * BLOCK_SIZE, len)
         .await?
@@ -321,15 +336,6 @@ fn poison(file: &DiskFile, log: &Log) -> EngineError {
 }
 
 impl Shared {
-    fn lock_for(&self, chunk: ChunkId) -> Arc<tokio::sync::RwLock<()>> {
-        self.locks
-            .lock()
-            .expect("lock")
-            .entry(chunk)
-            .or_default()
-            .clone()
-    }
-
     fn check_poisoned(&self) -> Result<()> {
         if self.file.is_poisoned() {
             return Err(EngineError::Poisoned);
@@ -337,31 +343,17 @@ impl Shared {
         Ok(())
     }
 
-    /// The chunk's slot, taking a free one for a new chunk (`true`: taken here; the chunk is
-    /// there at once, with nothing mapped; `give_back` undoes it if the write fails).
-    fn slot_for(&self, chunk: ChunkId) -> Result<(u64, bool)> {
+    /// The chunk's slot, taking a free one for a new chunk. The new chunk is there at once,
+    /// with nothing mapped, so concurrent first writes to other blocks of it share the slot.
+    /// If the write then fails it stays so (reads see zeros); a restart drops it.
+    fn slot_for(&self, chunk: ChunkId) -> Result<u64> {
         let mut inner = self.inner.lock().expect("lock");
         if let Some(m) = inner.chunks.get(&chunk) {
-            return Ok((m.slot, false));
+            return Ok(m.slot);
         }
         let slot = inner.free.pop_first().ok_or(EngineError::NoSpace)?;
         inner.chunks.insert(chunk, Meta::new(slot));
-        Ok((slot, true))
-    }
-
-    /// Undoes `slot_for` for a new chunk that got nothing mapped (the caller holds its lock).
-    fn give_back(&self, chunk: ChunkId, new_slot: bool) {
-        if !new_slot {
-            return;
-        }
-        let mut inner = self.inner.lock().expect("lock");
-        if let Some(m) = inner.chunks.get(&chunk) {
-            if m.mapped.count() == 0 && m.torn.count() == 0 {
-                let slot = m.slot;
-                inner.chunks.remove(&chunk);
-                inner.free.insert(slot);
-            }
-        }
+        Ok(slot)
     }
 
     /// The log failed or an in-place write failed after its record was durable: memory no
@@ -371,9 +363,10 @@ impl Shared {
     }
 
     async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
-        let chunk_guard = self.lock_for(chunk).write_owned().await;
         let first = (offset / BLOCK_SIZE) as usize;
-        let (slot, new_slot) = self.slot_for(chunk)?;
+        let n = data.len() / BLOCK_SIZE as usize;
+        let chunk_guard = self.locks.lock(chunk, first, first + n, true).await;
+        let slot = self.slot_for(chunk)?;
         let crcs = block_crcs(&data);
         let small = data.len() as u64 <= JOURNAL_MAX;
         let record = if small {
@@ -391,10 +384,7 @@ impl Shared {
                 crcs: crcs.clone(),
             }
         };
-        if let Err(e) = self.reserve(&record).await {
-            self.give_back(chunk, new_slot);
-            return Err(e);
-        }
+        self.reserve(&record).await?;
         let gate = self.gate.clone().read_owned().await;
         // Step 1: the record is durable.
         if self.log.append(record).await.is_err() {
@@ -429,11 +419,9 @@ impl Shared {
         }
         .await;
         if let Err(e) = written {
-            let e = self
+            return Err(self
                 .settle_failed_intent(chunk, slot, first, &crcs, e)
-                .await;
-            self.give_back(chunk, new_slot);
-            return Err(e);
+                .await);
         }
         self.inner
             .lock()
@@ -457,7 +445,7 @@ impl Shared {
         if self.file.is_poisoned() {
             return self.poison();
         }
-        let on_disk = match read_blocks(&self.file, &self.sb, slot, first).await {
+        let on_disk = match read_blocks(&self.file, &self.sb, slot, first, crcs.len()).await {
             Ok(b) => b,
             Err(_) => return self.poison(),
         };
@@ -472,10 +460,9 @@ impl Shared {
     }
 
     async fn read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Bytes> {
-        let lock = self.lock_for(chunk);
-        let _g = lock.read().await;
         let first = (offset / BLOCK_SIZE) as usize;
         let n = (len / BLOCK_SIZE) as usize;
+        let _g = self.locks.lock(chunk, first, first + n, false).await;
         let snapshot = {
             let inner = self.inner.lock().expect("lock");
             inner.chunks.get(&chunk).map(|m| {
@@ -515,8 +502,8 @@ impl Shared {
     }
 
     async fn discard(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
-        let lock = self.lock_for(chunk);
-        let _g = lock.write().await;
+        // The whole chunk: a discard may empty it and give its slot back.
+        let _g = self.locks.lock(chunk, 0, BLOCKS_PER_CHUNK, true).await;
         let first = (offset / BLOCK_SIZE) as usize;
         let n = (len / BLOCK_SIZE) as usize;
         let anything = {
@@ -562,7 +549,14 @@ impl Shared {
     /// Room in the log for `r`, checkpointing while there is none. Called before the gate is
     /// taken (a checkpoint waits for the gate's holders).
     async fn reserve(&self, r: &Record) -> Result<()> {
-        while !self.log.try_reserve(r).map_err(|_| EngineError::Poisoned)? {
+        let refused = |e| {
+            if self.file.is_poisoned() {
+                EngineError::Poisoned
+            } else {
+                EngineError::Io(e)
+            }
+        };
+        while !self.log.try_reserve(r).map_err(refused)? {
             self.checkpoint().await?;
             // What is left is reserved by records on their way into a batch; let them land.
             tokio::task::yield_now().await;
@@ -634,6 +628,7 @@ impl Shared {
             return Err(self.poison());
         }
         self.log.retire(end);
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -25,10 +25,12 @@
 //! Payload: a write's data; an intent's block checksums (4 bytes each, little-endian), padded
 //! to a block; a discard has none.
 //!
-//! A batch is valid only if its header and every record's payload check out. Batches are
-//! written one at a time, each after the previous one is durable, so the first invalid batch
-//! (torn by a crash, or stale from the ring's previous lap: its sequence number is not the
-//! next one) is the end of the log.
+//! A batch is valid only if its header and every record's payload check out. Up to
+//! [`MAX_INFLIGHT`] batches are written at once, but a record is acknowledged only when its
+//! batch and every batch before it are durable; so a crash leaves, after the last batch any
+//! acknowledgement depended on, at most a few batches in any state, and the first invalid
+//! batch (torn, not yet written, or stale from the ring's previous lap: its sequence number is
+//! not the next one) is the end of the log — nothing after it was acknowledged.
 //!
 //! # Positions
 //! Positions are virtual byte counts that only grow; a batch sits at `position % size` in the
@@ -51,9 +53,12 @@ const ENTRY: usize = 33;
 /// Records per batch: as many entries as fit in the header block.
 pub const MAX_ENTRIES: usize = (BLOCK - HEADER_FIXED) / ENTRY;
 /// Payload bytes per batch.
-pub const MAX_PAYLOAD: usize = 512 << 10;
-/// The most a batch takes in the region (header, payload, and the end of a lap it skips).
-const MAX_BATCH_SPAN: u64 = 2 * (BLOCK + MAX_PAYLOAD) as u64;
+pub const MAX_PAYLOAD: usize = 256 << 10;
+/// Batches written at once (the device works on them in parallel; their flushes merge).
+pub const MAX_INFLIGHT: usize = 4;
+/// The most the batches in flight take in the region (header, payload, and the end of a lap
+/// each may skip).
+const MAX_BATCH_SPAN: u64 = (MAX_INFLIGHT * 2 * (BLOCK + MAX_PAYLOAD)) as u64;
 
 /// One change to a chunk's blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +355,14 @@ pub struct Replay {
     pub end: Tail,
 }
 
+/// A batch on its way to the region.
+struct Batch {
+    buf: AlignedBuf,
+    at: u64,
+    end_seq: u64,
+    records: u64,
+}
+
 /// The log region of one disk and its group-committing writer.
 pub struct Log {
     file: Arc<DiskFile>,
@@ -366,12 +379,22 @@ struct State {
     next_seq: u64,
     /// Every record below this sequence number is durable.
     durable: u64,
-    writing: bool,
+    /// Batches being written, in log order: (end seq, written).
+    in_flight: VecDeque<(u64, bool)>,
     failed: bool,
     head: u64,
     tail: Tail,
     /// Bytes promised to records not yet in a written batch.
     reserved: u64,
+    stats: LogStats,
+}
+
+/// What the log has done since open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub batches: u64,
+    pub records: u64,
+    pub bytes: u64,
 }
 
 impl Log {
@@ -387,11 +410,12 @@ impl Log {
                 queue: VecDeque::new(),
                 next_seq: end.seq,
                 durable: end.seq,
-                writing: false,
+                in_flight: VecDeque::new(),
                 failed: false,
                 head: end.pos,
                 tail: end,
                 reserved: 0,
+                stats: LogStats::default(),
             }),
             progress: Notify::new(),
         }
@@ -459,6 +483,12 @@ impl Log {
     /// anything a checkpoint waits for.
     pub fn try_reserve(&self, r: &Record) -> std::io::Result<bool> {
         let need = r.log_bytes();
+        if need + MAX_BATCH_SPAN > self.size {
+            return Err(std::io::Error::other(format!(
+                "a {need}-byte record can never fit the {}-byte log",
+                self.size
+            )));
+        }
         let mut s = self.state.lock().expect("log lock");
         if s.failed {
             return Err(failed());
@@ -477,8 +507,8 @@ impl Log {
     }
 
     /// Appends a record (room reserved) and returns its sequence number once it is durable.
-    /// Concurrent appends share batches: the first caller to find no batch being written
-    /// writes one with everything queued, and hands over once its own record is durable.
+    /// Concurrent appends share batches: a caller whose record is still queued, finding fewer
+    /// than [`MAX_INFLIGHT`] batches in flight, writes one with everything queued.
     pub async fn append(&self, r: Record) -> std::io::Result<u64> {
         let seq = {
             let mut s = self.state.lock().expect("log lock");
@@ -491,7 +521,7 @@ impl Log {
             let progress = self.progress.notified();
             tokio::pin!(progress);
             progress.as_mut().enable();
-            let lead = {
+            let batch = {
                 let mut s = self.state.lock().expect("log lock");
                 if s.durable > seq {
                     return Ok(seq);
@@ -499,69 +529,90 @@ impl Log {
                 if s.failed {
                     return Err(failed());
                 }
-                let lead = !s.writing;
-                s.writing = true;
-                lead
+                let queued = s.queue.front().is_some_and(|(first, _)| *first <= seq);
+                if queued && s.in_flight.len() < MAX_INFLIGHT {
+                    self.take_batch(&mut s)
+                } else {
+                    None
+                }
             };
-            if lead {
-                let r = self.write_one_batch().await;
-                self.state.lock().expect("log lock").writing = false;
-                self.progress.notify_waiters();
-                r?;
-            } else {
-                progress.await;
+            match batch {
+                Some(b) => self.write_batch(b).await?,
+                None => progress.await,
             }
         }
     }
 
-    /// Writes the queue's next batch and makes it durable, in one durable write at the head
-    /// (O_DIRECT + RWF_DSYNC). Crash before it completes: the batch may be on media or not,
-    /// whole or torn — no record in it was acknowledged, and replay takes it only if every
-    /// checksum holds. After it: every record in it is durable. The in-place writes of earlier
-    /// records are not flushed by it (checkpoints flush those).
-    async fn write_one_batch(&self) -> std::io::Result<()> {
-        let (first_seq, buf, at, bytes) = {
-            let mut s = self.state.lock().expect("log lock");
-            let mut n = 0;
-            let mut payload = 0;
-            for (_, r) in &s.queue {
-                let p = r.payload_blocks() * BLOCK;
-                if n == MAX_ENTRIES || payload + p > MAX_PAYLOAD {
-                    break;
-                }
-                n += 1;
-                payload += p;
+    /// Takes the queue's next batch and its place in the region.
+    fn take_batch(&self, s: &mut State) -> Option<Batch> {
+        let mut n = 0;
+        let mut payload = 0;
+        for (_, r) in &s.queue {
+            let p = r.payload_blocks() * BLOCK;
+            if n == MAX_ENTRIES || payload + p > MAX_PAYLOAD {
+                break;
             }
-            if n == 0 {
-                return Ok(());
-            }
-            let batch: Vec<(u64, Record)> = s.queue.drain(..n).collect();
-            let first_seq = batch[0].0;
-            let refs: Vec<&Record> = batch.iter().map(|(_, r)| r).collect();
-            let buf = encode_batch(first_seq, &refs, self.salt);
-            let span = buf.as_ref().len() as u64;
-            let mut at = s.head;
-            if at % self.size + span > self.size {
-                at += self.size - at % self.size;
-            }
-            let promised: u64 = batch.iter().map(|(_, r)| r.log_bytes()).sum();
-            s.reserved -= promised;
-            s.head = at + span;
-            (first_seq, buf, at, n as u64)
-        };
+            n += 1;
+            payload += p;
+        }
+        if n == 0 {
+            return None;
+        }
+        let batch: Vec<(u64, Record)> = s.queue.drain(..n).collect();
+        let first_seq = batch[0].0;
+        let refs: Vec<&Record> = batch.iter().map(|(_, r)| r).collect();
+        let buf = encode_batch(first_seq, &refs, self.salt);
+        let span = buf.as_ref().len() as u64;
+        let mut at = s.head;
+        if at % self.size + span > self.size {
+            at += self.size - at % self.size;
+        }
+        let promised: u64 = batch.iter().map(|(_, r)| r.log_bytes()).sum();
+        s.reserved -= promised;
+        s.head = at + span;
+        let end_seq = first_seq + n as u64;
+        s.in_flight.push_back((end_seq, false));
+        Some(Batch {
+            buf,
+            at,
+            end_seq,
+            records: n as u64,
+        })
+    }
+
+    /// Writes a batch in one durable write at its place (O_DIRECT + RWF_DSYNC). Crash before
+    /// it completes: the batch may be on media or not, whole or torn — no record in it was
+    /// acknowledged, and replay takes it only if every checksum holds. After it: every record
+    /// in it is durable, acknowledged once the batches before it are too. The in-place writes
+    /// of earlier records are not flushed by it (checkpoints flush those).
+    async fn write_batch(&self, b: Batch) -> std::io::Result<()> {
+        let span = b.buf.as_ref().len() as u64;
         let written = self
             .file
-            .write_durable(self.offset + at % self.size, buf.into_bytes())
+            .write_durable(self.offset + b.at % self.size, b.buf.into_bytes())
             .await;
         let mut s = self.state.lock().expect("log lock");
         if let Err(e) = written {
             // The batch may be anywhere between absent and whole: nothing after it may be
-            // written (replay would stop at the hole), so the log takes no more.
+            // acknowledged (replay would stop at the hole), so the log takes no more.
             s.failed = true;
+            drop(s);
             self.file.poison();
+            self.progress.notify_waiters();
             return Err(e);
         }
-        s.durable = first_seq + bytes;
+        if let Some(entry) = s.in_flight.iter_mut().find(|(end, _)| *end == b.end_seq) {
+            entry.1 = true;
+        }
+        while let Some(&(end, true)) = s.in_flight.front() {
+            s.durable = end;
+            s.in_flight.pop_front();
+        }
+        s.stats.batches += 1;
+        s.stats.records += b.records;
+        s.stats.bytes += span;
+        drop(s);
+        self.progress.notify_waiters();
         Ok(())
     }
 
@@ -578,6 +629,10 @@ impl Log {
     /// Frees the log before `tail` (a checkpoint made it redundant).
     pub fn retire(&self, tail: Tail) {
         self.state.lock().expect("log lock").tail = tail;
+    }
+
+    pub fn stats(&self) -> LogStats {
+        self.state.lock().expect("log lock").stats
     }
 
     /// Bytes of log in use.

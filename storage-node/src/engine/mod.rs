@@ -19,6 +19,7 @@ pub mod index;
 pub mod io;
 pub mod log;
 pub mod mem;
+pub mod rangelock;
 pub mod replay;
 pub mod uring;
 

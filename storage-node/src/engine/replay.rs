@@ -174,7 +174,7 @@ impl Chunks {
     }
 
     /// Applies one record of the log at open. Journaled data lands in `pending` (the caller
-    /// puts it in place); intents read their blocks through `read`.
+    /// puts it in place); intents read their blocks through `read(slot, first, n)`.
     pub async fn replay<F, Fut>(
         &mut self,
         r: Record,
@@ -183,7 +183,7 @@ impl Chunks {
         read: F,
     ) -> anyhow::Result<()>
     where
-        F: FnOnce(u64, usize) -> Fut,
+        F: FnOnce(u64, usize, usize) -> Fut,
         Fut: std::future::Future<Output = std::io::Result<Bytes>>,
     {
         match r {
@@ -210,7 +210,7 @@ impl Chunks {
                 crcs,
             } => {
                 let existed = self.attach(chunk, slot, slots)?;
-                let on_disk = read(slot, first_block).await?;
+                let on_disk = read(slot, first_block, crcs.len()).await?;
                 let out = self.settle_intent(chunk, first_block, &crcs, &on_disk, pending);
                 for (i, c) in crcs.iter().enumerate() {
                     // A block that took the new data no longer needs older journaled data.
