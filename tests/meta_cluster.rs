@@ -213,6 +213,8 @@ fn cairn_up_restarts_the_same_cluster() {
                 "3",
                 "--base-port",
                 &base.to_string(),
+                "--nbd-listen",
+                &format!("127.0.0.1:{}", base + 9),
             ])
             .current_dir(tmp.path())
             .stdout(std::process::Stdio::piped())
@@ -237,13 +239,17 @@ fn cairn_up_restarts_the_same_cluster() {
     )
     .unwrap();
     let procs = file["processes"].as_array().unwrap();
-    assert_eq!(procs.len(), 6, "3 metadata members and 3 storage nodes");
+    assert_eq!(
+        procs.len(),
+        7,
+        "3 metadata members, 3 storage nodes and an NBD gateway"
+    );
     let pids: Vec<i32> = procs
         .iter()
         .map(|p| i32::try_from(p["pid"].as_u64().unwrap()).unwrap())
         .collect();
     let role = |r: &str| procs.iter().filter(|p| p["role"] == r).count();
-    assert_eq!((role("meta"), role("node")), (3, 3));
+    assert_eq!((role("meta"), role("node"), role("nbd")), (3, 3, 1));
     assert!(procs
         .iter()
         .all(|p| p["command"][0].as_str().unwrap().ends_with("cairn")));

@@ -40,6 +40,57 @@ pub enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Serve volumes over NBD.
+    Nbd {
+        #[command(subcommand)]
+        command: NbdCommand,
+    },
+    /// Tools for operators and tests.
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NbdCommand {
+    /// Serve every volume as an NBD export (export name = volume name) until stopped. Each
+    /// volume's lease is taken at its first connection and given back after its last.
+    Serve(NbdServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NbdServeArgs {
+    /// TCP address to listen on, IP:PORT (NBD's usual port is 10809).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Unix socket to listen on (created; an old one at the path is replaced).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// This machine's host name as the cluster knows it (reads prefer replicas here; new
+    /// segments prefer groups with a disk here). Default: this machine's.
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Read a range of a volume from one replica's copy only (no fallback, no repair), to
+    /// stdout or --out. Attaches the volume (use --force to take it from a running gateway).
+    ReadReplica {
+        volume: String,
+        /// Byte offset, a multiple of 4096 (suffixes K, M, G, T accepted).
+        offset: String,
+        /// Length, a multiple of 4096 (suffixes accepted).
+        len: String,
+        /// The storage node (id, as `cairn status` shows) whose copy to read.
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +143,10 @@ pub struct UpArgs {
     /// Size of each node's disk file (sparse), e.g. 10G.
     #[arg(long, default_value = "10G")]
     pub disk_size: String,
+    /// Where the NBD gateway listens (a new cluster only; it also serves
+    /// `<data-dir>/nbd.sock`).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd_listen: std::net::SocketAddr,
 }
 
 fn parse_replicas(s: &str) -> Result<u64, String> {

@@ -11,7 +11,7 @@ use cairn_proto::metadata::metadata_client::MetadataClient;
 use cairn_proto::parse_size;
 
 use crate::args::{
-    Cli, Command, MetaCommand, MetaRunArgs, NodeCommand, NodeRunArgs, VolumeCommand,
+    Cli, Command, MetaCommand, MetaRunArgs, NbdCommand, NodeCommand, NodeRunArgs, VolumeCommand,
 };
 use crate::output::{self, Printer};
 use crate::up;
@@ -34,6 +34,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = MetaClient::new(&meta_addrs(&cli.meta)?)?;
             volume(command, &client, &out).await
         }
+        Command::Nbd {
+            command: NbdCommand::Serve(a),
+        } => crate::gateway::nbd_serve(a, &meta_addrs(&cli.meta)?).await,
+        Command::Debug { command } => crate::gateway::debug(command, &meta_addrs(&cli.meta)?).await,
         Command::Status => {
             let client = MetaClient::new(&meta_addrs(&cli.meta)?)?;
             let s = client

@@ -2,6 +2,7 @@
 //!
 //! - [`args`]: the clap definitions of every command.
 //! - [`commands`]: volume, status and member commands (thin calls to `cairn_client`).
+//! - [`gateway`]: `cairn nbd serve` and `cairn debug read-replica`, on `cairn_client`.
 //! - [`up`]: `cairn up`, the local cluster supervisor, and `cluster.json`.
 //! - [`output`]: aligned tables and `--json`.
 //!
@@ -10,6 +11,7 @@
 
 pub mod args;
 pub mod commands;
+pub mod gateway;
 pub mod output;
 pub mod up;
 

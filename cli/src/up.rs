@@ -1,6 +1,7 @@
 //! `cairn up`: a local cluster as separate processes under one data directory.
 //!
-//! It starts the metadata member(s) (and, as they land, storage nodes and the NBD gateway),
+//! It starts the metadata member(s), the storage nodes and an NBD gateway (TCP and a unix
+//! socket in the data directory),
 //! writes `<data-dir>/cluster.json` listing each process with the exact command that restarts
 //! it, stays in the foreground, and stops everything cleanly on Ctrl-C or SIGTERM. Run again on
 //! the same data directory, it brings back the same cluster, ports and data.
@@ -21,7 +22,7 @@ use crate::args::UpArgs;
 /// One process of the local cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProcessEntry {
-    /// "meta" (later also "node", "nbd").
+    /// "meta", "node" or "nbd".
     pub role: String,
     pub id: u64,
     pub addr: String,
@@ -89,11 +90,13 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
                 data_dir.display(),
             );
         }
-        // Same processes, same ports, same data.
-        return Ok(ClusterFile {
-            processes: old.processes,
-            ..old
-        });
+        // Same processes, same ports, same data (and a gateway, if the cluster predates it).
+        let mut processes = old.processes;
+        if !processes.iter().any(|p| p.role == "nbd") {
+            let metas = old_meta_addrs(&processes);
+            processes.push(nbd_entry(a, data_dir, exe, &metas));
+        }
+        return Ok(ClusterFile { processes, ..old });
     }
     let n = a.meta_replicas.unwrap_or(1);
     let addrs: Vec<(u64, String)> = (1..=n)
@@ -175,10 +178,44 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
             log: data_dir.join("logs").join(format!("node-{i}.log")),
         });
     }
+    processes.push(nbd_entry(a, data_dir, exe, &metas));
     Ok(ClusterFile {
         data_dir: data_dir.to_owned(),
         processes,
     })
+}
+
+fn old_meta_addrs(processes: &[ProcessEntry]) -> String {
+    processes
+        .iter()
+        .filter(|p| p.role == "meta")
+        .map(|p| p.addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The NBD gateway: on `--nbd-listen` and on `<data-dir>/nbd.sock`.
+fn nbd_entry(a: &UpArgs, data_dir: &Path, exe: &Path, metas: &str) -> ProcessEntry {
+    ProcessEntry {
+        role: "nbd".into(),
+        id: 1,
+        addr: a.nbd_listen.to_string(),
+        pid: None,
+        command: vec![
+            exe.display().to_string(),
+            "--meta".into(),
+            metas.to_owned(),
+            "nbd".into(),
+            "serve".into(),
+            "--listen".into(),
+            a.nbd_listen.to_string(),
+            "--socket".into(),
+            data_dir.join("nbd.sock").display().to_string(),
+            "--host".into(),
+            "node-1".into(),
+        ],
+        log: data_dir.join("logs").join("nbd-1.log"),
+    }
 }
 
 fn spawn(p: &ProcessEntry) -> anyhow::Result<Child> {
@@ -227,6 +264,13 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 s.leader_id,
                 s.nodes.iter().filter(|n| n.up).count()
             );
+            if let Some(n) = file.processes.iter().find(|p| p.role == "nbd") {
+                println!(
+                    "  nbd:     nbd://{}/<volume>  and  nbd+unix:///<volume>?socket={}",
+                    n.addr,
+                    data_dir.join("nbd.sock").display()
+                );
+            }
             println!("  data:    {}", data_dir.display());
             println!("  cluster: {}", path.display());
             println!("  try:     cairn --meta {meta} volume create vm1 --size 10G");

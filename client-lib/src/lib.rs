@@ -4,10 +4,17 @@
 //!   leader, retrying through elections, so callers see one logical service.
 //! - [`data`]: the data protocol's frame codec and a pipelined client for storage nodes.
 //!
-//! Coming with the replicated-volumes issue: `VolumeClient` (attach with a lease, layout cache,
-//! replicated reads and writes) and the NBD and vhost-user-blk frontends on top of it.
+//! - [`volume`]: [`VolumeClient`], one attached volume: the lease and its generation (fencing
+//!   the previous holder), the layout, writes to every replica, reads from the nearest good one
+//!   with repair of a bad copy. One async API for every frontend.
+//! - [`nbd`]: the NBD server ([`nbd::NbdServer`]) on top of it.
+//!
+//! Coming: the vhost-user-blk frontend.
 
 pub mod data;
 pub mod meta;
+pub mod nbd;
+pub mod volume;
 
 pub use meta::{MetaClient, MetaClientError};
+pub use volume::{AttachOptions, VolumeClient, VolumeError};

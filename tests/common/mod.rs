@@ -304,3 +304,101 @@ pub async fn remove_member(c: &MetaClient, id: u64) {
         .await
         .unwrap();
 }
+
+/// A whole local cluster as users run it: `cairn up` (1 metadata member, 3 storage nodes,
+/// the NBD gateway) on free ports in a temp dir. Stopped with SIGTERM on drop.
+pub struct UpCluster {
+    pub tmp: tempfile::TempDir,
+    pub up: Child,
+    pub meta: String,
+    pub nbd: String,
+}
+
+impl UpCluster {
+    pub fn start() -> Self {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let base = free_ports(1)[0].saturating_sub(10);
+        let nbd = format!("127.0.0.1:{}", free_ports(1)[0]);
+        let mut up = Command::new(CAIRN)
+            .args([
+                "up",
+                "--base-port",
+                &base.to_string(),
+                "--nbd-listen",
+                &nbd,
+                "--disk-size",
+                "2G",
+            ])
+            .current_dir(tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(up.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(line.starts_with("cairn is up"), "cairn up said {line:?}");
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Self {
+            meta: format!("127.0.0.1:{}", base + 1),
+            nbd,
+            tmp,
+            up,
+        }
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    /// Runs `cairn` against this cluster; panics with its stderr if it fails.
+    pub fn cairn(&self, args: &[&str]) -> std::process::Output {
+        let o = Command::new(CAIRN)
+            .arg("--meta")
+            .arg(&self.meta)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "cairn {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    }
+
+    pub fn cluster_file(&self) -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(self.tmp.path().join("cairn-data/cluster.json")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
+impl Drop for UpCluster {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.up.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.up.wait();
+    }
+}
+
+/// Runs an external tool, failing loudly if it is missing (scripts/setup installs it).
+pub fn run_tool(tool: &str, args: &[&str]) -> std::process::Output {
+    let o = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is needed by this test ({e}); run scripts/setup"));
+    assert!(
+        o.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}

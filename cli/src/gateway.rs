@@ -1,0 +1,108 @@
+//! `cairn nbd serve` and `cairn debug read-replica`: the client library's frontends as commands.
+
+use std::io::Write;
+
+use anyhow::Context;
+use cairn_client::nbd::NbdServer;
+use cairn_client::{AttachOptions, MetaClient, VolumeClient};
+
+use crate::args::{DebugCommand, NbdServeArgs};
+
+fn this_host() -> anyhow::Result<String> {
+    Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
+}
+
+/// Serves NBD on the given TCP address and/or unix socket until SIGINT/SIGTERM, then gives
+/// back every lease it holds.
+pub async fn nbd_serve(a: NbdServeArgs, meta: &[String]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.listen.is_some() || a.socket.is_some(),
+        "nothing to listen on: give --listen IP:PORT and/or --socket PATH"
+    );
+    let host = match a.host {
+        Some(h) => h,
+        None => this_host()?,
+    };
+    let holder = format!(
+        "nbd:{host}:{}",
+        a.listen
+            .map(|l| l.to_string())
+            .or_else(|| a.socket.as_ref().map(|p| p.display().to_string()))
+            .unwrap_or_default()
+    );
+    let server = NbdServer::new(meta, &holder, &host)?;
+    let mut tasks = Vec::new();
+    if let Some(addr) = a.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(%addr, "serving NBD");
+        tasks.push(tokio::spawn(server.clone().serve_tcp(l)));
+    }
+    if let Some(path) = &a.socket {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing old {}", path.display())),
+        }
+        let l = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("listening on {}", path.display()))?;
+        tracing::info!(socket = %path.display(), "serving NBD");
+        tasks.push(tokio::spawn(server.clone().serve_unix(l)));
+    }
+    crate::commands::shutdown_signal().await;
+    for t in &tasks {
+        t.abort();
+    }
+    server.shutdown().await;
+    if let Some(path) = &a.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+pub async fn debug(cmd: DebugCommand, meta: &[String]) -> anyhow::Result<()> {
+    match cmd {
+        DebugCommand::ReadReplica {
+            volume,
+            offset,
+            len,
+            node,
+            out,
+            force,
+        } => {
+            let offset = cairn_proto::parse_size(&offset).map_err(anyhow::Error::msg)?;
+            let len = cairn_proto::parse_size(&len).map_err(anyhow::Error::msg)?;
+            let opts = AttachOptions {
+                holder: format!("debug:{}", this_host()?),
+                force,
+                host: this_host()?,
+            };
+            let vc = VolumeClient::attach(MetaClient::new(meta)?, &volume, opts).await?;
+            let result = async {
+                let mut sink: Box<dyn Write> = match &out {
+                    Some(p) => Box::new(
+                        std::fs::File::create(p)
+                            .with_context(|| format!("creating {}", p.display()))?,
+                    ),
+                    None => Box::new(std::io::stdout().lock()),
+                };
+                // In pieces, so a large range does not sit in memory at once.
+                let step = 16 << 20;
+                let mut at = offset;
+                while at < offset + len {
+                    let n = step.min(offset + len - at);
+                    sink.write_all(&vc.read_replica(at, n, node).await?)?;
+                    at += n;
+                }
+                sink.flush()?;
+                anyhow::Ok(())
+            }
+            .await;
+            let detached = vc.detach().await;
+            result?;
+            detached?;
+            Ok(())
+        }
+    }
+}
