@@ -514,6 +514,14 @@ async fn execute(
         Err(e) => fail(errno_of(&e), &e.to_string()),
     };
     match req.kind {
+        CMD_READ if len == 0 => {
+            // Nothing to send: a data chunk may not be empty.
+            if structured {
+                vec![structured_none(req.cookie)]
+            } else {
+                vec![simple_reply(req.cookie, 0)]
+            }
+        }
         CMD_READ => match vc.read(off, len).await {
             Ok(data) if structured => {
                 vec![offset_data_header(req.cookie, off, data.len(), true), data]
