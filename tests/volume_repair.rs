@@ -40,7 +40,9 @@ async fn corrupt_replica_is_read_around_and_repaired() {
         host: host.into(),
     };
     {
-        let vc = VolumeClient::attach(meta(), "pacs", opts("x")).await.unwrap();
+        let vc = VolumeClient::attach(meta(), "pacs", opts("x"))
+            .await
+            .unwrap();
         vc.write(8 << 20, Bytes::from(block.clone())).await.unwrap();
         vc.detach().await.unwrap();
     }
@@ -73,7 +75,10 @@ async fn corrupt_replica_is_read_around_and_repaired() {
         "the damage is there: {r:?}"
     );
     // The read is answered from a good member, and the bad copy rewritten from it.
-    assert_eq!(vc.read(8 << 20, 4096).await.unwrap(), Bytes::from(block.clone()));
+    assert_eq!(
+        vc.read(8 << 20, 4096).await.unwrap(),
+        Bytes::from(block.clone())
+    );
     assert_eq!(
         vc.read_replica(8 << 20, 4096, node2).await.unwrap(),
         Bytes::from(block.clone()),
@@ -87,7 +92,9 @@ async fn corrupt_replica_is_read_around_and_repaired() {
         .unwrap();
     vc.discard(16 * M, M / 2).await.unwrap();
     vc.write_zeroes(16 * M + M, M / 2, true).await.unwrap();
-    vc.write_zeroes(16 * M + M + M / 2, 4096, false).await.unwrap();
+    vc.write_zeroes(16 * M + M + M / 2, 4096, false)
+        .await
+        .unwrap();
     let got = vc.read(16 * M, 2 * M).await.unwrap();
     assert!(got[..(M / 2) as usize].iter().all(|&b| b == 0));
     assert!(got[(M / 2) as usize..M as usize].iter().all(|&b| b == 1));
