@@ -8,12 +8,12 @@
 //!   the previous holder), the layout, writes to every replica, reads from the nearest good one
 //!   with repair of a bad copy. One async API for every frontend.
 //! - [`nbd`]: the NBD server ([`nbd::NbdServer`]) on top of it.
-//!
-//! Coming: the vhost-user-blk frontend.
+//! - [`vhost`]: the vhost-user-blk backend ([`vhost::BlkBackend`]) on top of it.
 
 pub mod data;
 pub mod meta;
 pub mod nbd;
+pub mod vhost;
 pub mod volume;
 
 pub use meta::{MetaClient, MetaClientError};

@@ -315,10 +315,36 @@ pub struct UpCluster {
 }
 
 impl UpCluster {
+    /// Starts the cluster on ports below the ephemeral range (so no outgoing connection holds
+    /// one of them), checked free just before; tries another range if it does not come up.
     pub fn start() -> Self {
+        let mut why = String::new();
+        for attempt in 0..4u64 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::from(d.subsec_nanos()))
+                .unwrap_or(0);
+            let seed = u64::from(std::process::id()) * 7919 + attempt * 104_729 + nanos;
+            let base = 20_000 + (seed % 900) as u16 * 10;
+            let ports = [base + 1, base + 9, base + 11, base + 12, base + 13];
+            if !ports
+                .iter()
+                .all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            {
+                continue;
+            }
+            match Self::try_start(base) {
+                Ok(c) => return c,
+                Err(e) => why = e,
+            }
+        }
+        panic!("cairn up did not come up: {why}");
+    }
+
+    fn try_start(base: u16) -> Result<Self, String> {
         let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-        let base = free_ports(1)[0].saturating_sub(10);
-        let nbd = format!("127.0.0.1:{}", free_ports(1)[0]);
+        let nbd = format!("127.0.0.1:{}", base + 9);
+        let log = std::fs::File::create(tmp.path().join("up.stderr")).unwrap();
         let mut up = Command::new(CAIRN)
             .args([
                 "up",
@@ -331,21 +357,38 @@ impl UpCluster {
             ])
             .current_dir(tmp.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let mut out = std::io::BufReader::new(up.stdout.take().unwrap());
         let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        assert!(line.starts_with("cairn is up"), "cairn up said {line:?}");
+        let _ = std::io::BufRead::read_line(&mut out, &mut line);
+        if !line.starts_with("cairn is up") {
+            let _ = up.kill();
+            let _ = up.wait();
+            let err = std::fs::read_to_string(tmp.path().join("up.stderr")).unwrap_or_default();
+            let logs = std::fs::read_dir(tmp.path().join("cairn-data/logs"))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| {
+                            let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                            let tail: Vec<&str> = t.lines().rev().take(5).collect();
+                            format!("{}: {:?}", e.path().display(), tail)
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default();
+            return Err(format!("stdout {line:?}, stderr {err:?}\n{logs}"));
+        }
         // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        Self {
+        Ok(Self {
             meta: format!("127.0.0.1:{}", base + 1),
             nbd,
             tmp,
             up,
-        }
+        })
     }
 
     pub fn uri(&self, volume: &str) -> String {
