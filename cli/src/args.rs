@@ -45,6 +45,11 @@ pub enum Command {
         #[command(subcommand)]
         command: NbdCommand,
     },
+    /// Serve a volume as a vhost-user-blk disk for QEMU.
+    Vhost {
+        #[command(subcommand)]
+        command: VhostCommand,
+    },
     /// Tools for operators and tests.
     Debug {
         #[command(subcommand)]
@@ -69,6 +74,33 @@ pub struct NbdServeArgs {
     pub socket: Option<PathBuf>,
     /// This machine's host name as the cluster knows it (reads prefer replicas here; new
     /// segments prefer groups with a disk here). Default: this machine's.
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VhostCommand {
+    /// Attach VOLUME (holding its lease for the life of the process) and serve it as a
+    /// vhost-user-blk device on SOCKET; QEMU connects with
+    /// `-chardev socket,path=SOCKET,reconnect=1 -device vhost-user-blk-pci,chardev=…`.
+    /// One frontend at a time; when it leaves, the next may connect.
+    Serve(VhostServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VhostServeArgs {
+    #[arg(long)]
+    pub volume: String,
+    /// The vhost-user unix socket to create (an old one at the path is replaced).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Virtqueues, each served by a worker thread of its own (1–64).
+    #[arg(long, default_value_t = 1)]
+    pub queues: usize,
+    /// Take the volume's lease from another holder (fencing its writes).
+    #[arg(long)]
+    pub force: bool,
+    /// This machine's host name as the cluster knows it (reads prefer replicas here).
     #[arg(long)]
     pub host: Option<String>,
 }

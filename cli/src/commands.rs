@@ -11,7 +11,8 @@ use cairn_proto::metadata::metadata_client::MetadataClient;
 use cairn_proto::parse_size;
 
 use crate::args::{
-    Cli, Command, MetaCommand, MetaRunArgs, NbdCommand, NodeCommand, NodeRunArgs, VolumeCommand,
+    Cli, Command, MetaCommand, MetaRunArgs, NbdCommand, NodeCommand, NodeRunArgs, VhostCommand,
+    VolumeCommand,
 };
 use crate::output::{self, Printer};
 use crate::up;
@@ -37,6 +38,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nbd {
             command: NbdCommand::Serve(a),
         } => crate::gateway::nbd_serve(a, &meta_addrs(&cli.meta)?).await,
+        Command::Vhost {
+            command: VhostCommand::Serve(a),
+        } => crate::gateway::vhost_serve(a, &meta_addrs(&cli.meta)?).await,
         Command::Debug { command } => crate::gateway::debug(command, &meta_addrs(&cli.meta)?).await,
         Command::Status => {
             let client = MetaClient::new(&meta_addrs(&cli.meta)?)?;

@@ -1,4 +1,5 @@
-//! `cairn nbd serve` and `cairn debug read-replica`: the client library's frontends as commands.
+//! `cairn nbd serve`, `cairn vhost serve` and `cairn debug read-replica`: the client
+//! library's frontends as commands.
 
 use std::io::Write;
 
@@ -6,7 +7,7 @@ use anyhow::Context;
 use cairn_client::nbd::NbdServer;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 
-use crate::args::{DebugCommand, NbdServeArgs};
+use crate::args::{DebugCommand, NbdServeArgs, VhostServeArgs};
 
 fn this_host() -> anyhow::Result<String> {
     Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
@@ -58,6 +59,52 @@ pub async fn nbd_serve(a: NbdServeArgs, meta: &[String]) -> anyhow::Result<()> {
     if let Some(path) = &a.socket {
         let _ = std::fs::remove_file(path);
     }
+    Ok(())
+}
+
+/// Attaches the volume, serves it over vhost-user until SIGINT/SIGTERM, then gives the lease
+/// back.
+pub async fn vhost_serve(a: VhostServeArgs, meta: &[String]) -> anyhow::Result<()> {
+    let host = match a.host {
+        Some(h) => h,
+        None => this_host()?,
+    };
+    anyhow::ensure!(
+        (1..=64).contains(&a.queues),
+        "--queues must be between 1 and 64 (got {})",
+        a.queues
+    );
+    let opts = AttachOptions {
+        holder: format!("vhost:{host}:{}", a.socket.display()),
+        force: a.force,
+        host,
+    };
+    let vc = VolumeClient::attach(MetaClient::new(meta)?, &a.volume, opts).await?;
+    match std::fs::remove_file(&a.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing old {}", a.socket.display())),
+    }
+    let rt = tokio::runtime::Handle::current();
+    let (socket, queues, served) = (a.socket.clone(), a.queues, vc.clone());
+    let server = std::thread::Builder::new()
+        .name("vhost-user".into())
+        .spawn(move || cairn_client::vhost::serve(served, &socket, queues, rt))?;
+    tracing::info!(volume = %a.volume, socket = %a.socket.display(), queues = a.queues, "serving vhost-user-blk");
+    let ended = tokio::select! {
+        _ = crate::commands::shutdown_signal() => None,
+        r = tokio::task::spawn_blocking(move || server.join()) => Some(r),
+    };
+    let detached = vc.detach().await;
+    let _ = std::fs::remove_file(&a.socket);
+    if let Some(r) = ended {
+        match r {
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(_)) | Err(_) => anyhow::bail!("the vhost-user server thread died"),
+            Ok(Ok(Ok(()))) => {}
+        }
+    }
+    detached?;
     Ok(())
 }
 
