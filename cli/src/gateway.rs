@@ -87,22 +87,27 @@ pub async fn vhost_serve(a: VhostServeArgs, meta: &[String]) -> anyhow::Result<(
     }
     let rt = tokio::runtime::Handle::current();
     let (socket, queues, served) = (a.socket.clone(), a.queues, vc.clone());
-    let server = std::thread::Builder::new()
+    // A plain thread (it blocks in accept and recvmsg for as long as the process lives): the
+    // process ends when main returns, whatever it is doing; a blocking-pool task would hold
+    // the runtime's shutdown.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
         .name("vhost-user".into())
-        .spawn(move || cairn_client::vhost::serve(served, &socket, queues, rt))?;
+        .spawn(move || {
+            let r = cairn_client::vhost::serve(served, &socket, queues, rt);
+            let _ = done_tx.send(r);
+        })?;
     tracing::info!(volume = %a.volume, socket = %a.socket.display(), queues = a.queues, "serving vhost-user-blk");
     let ended = tokio::select! {
         _ = crate::commands::shutdown_signal() => None,
-        r = tokio::task::spawn_blocking(move || server.join()) => Some(r),
+        r = done_rx => Some(r),
     };
     let detached = vc.detach().await;
     let _ = std::fs::remove_file(&a.socket);
-    if let Some(r) = ended {
-        match r {
-            Ok(Ok(Err(e))) => return Err(e),
-            Ok(Err(_)) | Err(_) => anyhow::bail!("the vhost-user server thread died"),
-            Ok(Ok(Ok(()))) => {}
-        }
+    match ended {
+        Some(Ok(Err(e))) => return Err(e),
+        Some(Err(_)) => anyhow::bail!("the vhost-user server thread died"),
+        Some(Ok(Ok(()))) | None => {}
     }
     detached?;
     Ok(())
