@@ -155,6 +155,9 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Message>) 
             let _ = inner.back.send(Msg::SnapshotStatus(to, s));
         }
         if !ok {
+            // A fresh channel next time: a peer that was killed and restarted on the same
+            // address must not wait on a connection the old process left behind.
+            client = None;
             let _ = inner.back.send(Msg::Unreachable(to));
             // Drop what queued up behind the failure; raft resends what matters.
             while rx.try_recv().is_ok() {}

@@ -124,6 +124,7 @@ impl Record {
         ((1 + self.payload_blocks()) * BLOCK) as u64
     }
 
+    /// The payload of an intent or a discard (a write's is its data, copied directly).
     fn payload(&self) -> Vec<u8> {
         match self {
             Self::Write { data, .. } => data.to_vec(),
@@ -153,8 +154,24 @@ pub fn encode_batch(first_seq: u64, records: &[&Record], salt: u32) -> AlignedBu
     b[16..20].copy_from_slice(&(payload_blocks as u32).to_le_bytes());
     let mut at = BLOCK;
     for (i, r) in records.iter().enumerate() {
-        let payload = r.payload();
-        b[at..at + payload.len()].copy_from_slice(&payload);
+        // A write's data goes straight from its buffer into the batch (no intermediate copy:
+        // this is every small write's path).
+        let len = match r {
+            Record::Write { data, .. } => {
+                b[at..at + data.len()].copy_from_slice(data);
+                data.len()
+            }
+            _ => {
+                let p = r.payload();
+                b[at..at + p.len()].copy_from_slice(&p);
+                p.len()
+            }
+        };
+        let payload_crc = if len == 0 {
+            0
+        } else {
+            crc32c::crc32c(&b[at..at + len])
+        };
         at += r.payload_blocks() * BLOCK;
         let e = &mut b[HEADER_FIXED + i * ENTRY..HEADER_FIXED + (i + 1) * ENTRY];
         let (chunk, slot, first) = match r {
@@ -180,12 +197,7 @@ pub fn encode_batch(first_seq: u64, records: &[&Record], salt: u32) -> AlignedBu
         e[17..25].copy_from_slice(&slot.to_le_bytes());
         e[25..27].copy_from_slice(&(first as u16).to_le_bytes());
         e[27..29].copy_from_slice(&(r.blocks() as u16).to_le_bytes());
-        let crc = if payload.is_empty() {
-            0
-        } else {
-            crc32c::crc32c(&payload)
-        };
-        e[29..33].copy_from_slice(&crc.to_le_bytes());
+        e[29..33].copy_from_slice(&payload_crc.to_le_bytes());
     }
     let crc = header_crc(b, records.len(), salt);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
