@@ -2,7 +2,9 @@
 //! initramfs boot under TCG with the volume as `vhost-user-blk-pci` (memfd guest memory). The
 //! guest writes a pseudo-random pattern with O_DIRECT, syncs, reads it back and compares, and
 //! discards a range; a second, fresh guest finds the same pattern (persistence) and the range
-//! still zeros; then the host reads the same bytes through NBD.
+//! still zeros; a third guest pauses while the backend process is stopped and started again,
+//! and its next writes go through the reconnected device (QEMU's `reconnect=`); then the host
+//! reads the same bytes through NBD.
 //!
 //! Needs qemu-system-x86_64 and the guest kit (kernel, modules, busybox) that scripts/setup
 //! puts in ~/.cache/cairn-guest; without them the test fails and says so.
@@ -48,6 +50,12 @@ if [ "$mode" = write ]; then
   blkdiscard -o 4194304 -l 262144 /dev/vda || echo CAIRN-FAIL discard
   dd if=/dev/vda of=/tmp/d bs=4096 skip=1024 count=64 iflag=direct 2>/dev/null
   cmp /tmp/zeros /tmp/d && echo CAIRN-DISCARD-OK
+elif [ "$mode" = reconnect ]; then
+  echo CAIRN-PAUSE
+  sleep 15
+  dd if=/pattern.bin of=/dev/vda bs=4096 seek=2048 oflag=direct conv=fsync 2>/dev/null || echo CAIRN-FAIL reconnect-write
+  dd if=/dev/vda of=/tmp/back bs=4096 skip=2048 count=256 iflag=direct 2>/dev/null
+  cmp /pattern.bin /tmp/back && echo CAIRN-RECONNECT-OK
 else
   dd if=/dev/vda of=/tmp/back bs=4096 skip=256 count=256 iflag=direct 2>/dev/null
   cmp /pattern.bin /tmp/back && echo CAIRN-VERIFY-OK
@@ -163,8 +171,15 @@ fn kernel(kit: &Path) -> PathBuf {
         .expect("a kernel in the guest kit")
 }
 
-/// Boots a guest in `mode`, returns what it printed.
-fn boot(kit: &Path, initrd: &Path, socket: &Path, mode: &str) -> String {
+/// Boots a guest in `mode`, returns what it printed. `on_pause` runs once, when the guest says
+/// CAIRN-PAUSE.
+fn boot(
+    kit: &Path,
+    initrd: &Path,
+    socket: &Path,
+    mode: &str,
+    mut on_pause: impl FnMut(),
+) -> String {
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
@@ -199,29 +214,78 @@ fn boot(kit: &Path, initrd: &Path, socket: &Path, mode: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("qemu-system-x86_64 is needed ({e}); run scripts/setup"));
+    // The console, line by line, as the guest prints it.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+        Box::new(qemu.stdout.take().unwrap()),
+        Box::new(qemu.stderr.take().unwrap()),
+    ];
+    for pipe in pipes {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(pipe);
+            let mut line = Vec::new();
+            while std::io::BufRead::read_until(&mut r, b'\n', &mut line).unwrap_or(0) > 0 {
+                let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+                line.clear();
+            }
+        });
+    }
+    drop(tx);
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut text = String::new();
+    let mut paused = false;
     loop {
-        if let Some(_status) = qemu.try_wait().unwrap() {
-            break;
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                if !paused && line.contains("CAIRN-PAUSE") {
+                    paused = true;
+                    on_pause();
+                }
+                text.push_str(&line);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
         if Instant::now() > deadline {
             let _ = qemu.kill();
-            break;
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
-    let out = qemu.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let _ = qemu.wait();
     assert!(
         text.contains("CAIRN-DONE"),
         "the guest did not finish:\n{text}"
     );
     assert!(!text.contains("CAIRN-FAIL"), "the guest failed:\n{text}");
     text
+}
+
+/// Starts `cairn vhost serve` for the test volume and waits for its socket.
+fn start_backend(c: &UpCluster, socket: &Path) -> KillOnDrop {
+    let _ = std::fs::remove_file(socket);
+    let b = KillOnDrop(
+        Command::new(common::CAIRN)
+            .args(["--meta", &c.meta, "vhost", "serve", "--volume", "guest"])
+            .args(["--queues", "2", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the backend did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b
+}
+
+/// SIGTERM, as an operator's restart does: the backend gives its lease back and exits 0.
+fn stop_backend(mut b: KillOnDrop) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(b.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(b.0.wait().unwrap().success());
 }
 
 /// The backend process, killed if the test fails before stopping it.
@@ -251,38 +315,28 @@ fn a_qemu_guest_writes_reads_and_discards_on_a_cairn_volume() {
     let initrd = c.path("initrd.cpio");
     initramfs(&kit, &pattern, &initrd);
     let socket = c.path("guest.sock");
-    let mut backend = KillOnDrop(
-        Command::new(common::CAIRN)
-            .args([
-                "--meta", &c.meta, "vhost", "serve", "--volume", "guest", "--queues", "2",
-            ])
-            .arg("--socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "the backend did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let first = boot(&kit, &initrd, &socket, "write");
+    let backend = std::cell::RefCell::new(Some(start_backend(&c, &socket)));
+
+    let first = boot(&kit, &initrd, &socket, "write", || {});
     assert!(first.contains("CAIRN-WRITE-OK"), "{first}");
     assert!(first.contains("CAIRN-DISCARD-OK"), "{first}");
     assert!(
         first.contains("CAIRN-DISK 131072 sectors, logical 4096"),
         "capacity and block size reach the guest: {first}"
     );
-    let second = boot(&kit, &initrd, &socket, "verify");
+    let second = boot(&kit, &initrd, &socket, "verify", || {});
     assert!(second.contains("CAIRN-VERIFY-OK"), "{second}");
     assert!(second.contains("CAIRN-DISCARD-OK"), "{second}");
+    // The backend is restarted while a guest is attached (and idle): the guest's next I/O
+    // goes through the reconnected device, without an error.
+    let third = boot(&kit, &initrd, &socket, "reconnect", || {
+        stop_backend(backend.borrow_mut().take().unwrap());
+        *backend.borrow_mut() = Some(start_backend(&c, &socket));
+    });
+    assert!(third.contains("CAIRN-RECONNECT-OK"), "{third}");
 
     // The backend gives its lease back on SIGTERM; then the host reads through NBD.
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(backend.0.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(backend.0.wait().unwrap().success());
+    stop_backend(backend.borrow_mut().take().unwrap());
     let out = c.path("guest.raw");
     run_tool("nbdcopy", &[&c.uri("guest"), out.to_str().unwrap()]);
     let disk = std::fs::read(&out).unwrap();
@@ -291,4 +345,8 @@ fn a_qemu_guest_writes_reads_and_discards_on_a_cairn_volume() {
         "the guest's pattern, through NBD"
     );
     assert!(disk[4 * MIB..4 * MIB + 256 * 1024].iter().all(|&b| b == 0));
+    assert!(
+        disk[8 * MIB..9 * MIB] == pattern[..],
+        "the write after the reconnect"
+    );
 }
