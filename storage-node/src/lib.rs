@@ -9,8 +9,8 @@
 //!   writes with their data, larger ones as crash-recoverable intents; the chunk index in
 //!   RocksDB is brought up to date at checkpoints, [`engine::replay`] rebuilds the state at
 //!   open) and [`engine::mem::MemEngine`] (in memory) — held to one conformance suite
-//!   (`engine::conformance`); the disk engine runs over io_uring (one ring thread per disk,
-//!   registered buffers) or pread/pwrite.
+//!   (`engine::conformance`); the disk engine runs over io_uring (one ring per disk, driven
+//!   from the runtime's threads, registered buffers) or pread/pwrite.
 //!
 //! Contract: an acknowledged write is on media; every read is checked against the block's
 //! CRC32C; a crash leaves every block with its old or its new data, and a block that is
