@@ -67,18 +67,18 @@ impl Chunks {
     /// A write's blocks now hold `crcs` from `first`.
     pub fn set_blocks(&mut self, chunk: ChunkId, slot: u64, first: usize, crcs: &[u32]) {
         let m = self.chunks.entry(chunk).or_insert_with(|| Meta::new(slot));
-        let mut torn_changed = Vec::new();
+        // A bitmap, not a list: a 4 MiB write over torn blocks would scan a list per block.
+        let mut torn_changed = Bitmap::default();
         for (i, c) in crcs.iter().enumerate() {
             m.crcs[first + i] = *c;
             m.mapped.set(first + i, true);
             if m.torn.get(first + i) {
                 m.torn.set(first + i, false);
-                torn_changed.push(first + i);
+                torn_changed.set(first + i, true);
             }
         }
-        for i in 0..crcs.len() {
-            let b = first + i;
-            self.touch(chunk, b, torn_changed.contains(&b));
+        for b in first..first + crcs.len() {
+            self.touch(chunk, b, torn_changed.get(b));
         }
     }
 
