@@ -204,7 +204,7 @@ fn cairn(args: &[&str], dir: &std::path::Path) -> std::process::Output {
 #[test]
 fn cairn_up_restarts_the_same_cluster() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = free_ports(1)[0].saturating_sub(10);
+    let base = common::up_base_port(0);
     let start = || {
         let mut up = std::process::Command::new(CAIRN)
             .args([

@@ -254,7 +254,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
 
     let client = MetaClient::new(&file.meta_addrs())?.with_deadline(Duration::from_secs(30));
     let nodes = file.processes.iter().filter(|p| p.role == "node").count();
-    let ready = wait_ready(&client, nodes).await;
+    let ready = wait_ready(&client, nodes, &file, &mut children).await;
     match ready {
         Ok(s) => {
             let meta = file.meta_addrs().join(",");
@@ -277,12 +277,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             println!("Ctrl-C stops the cluster.");
         }
         Err(e) => {
-            eprintln!(
-                "error: the cluster did not come up: {e}; see the logs in {}",
+            stop(&mut file, &mut children, &path).await?;
+            bail!(
+                "the cluster did not come up: {e:#}; see the logs in {}",
                 data_dir.join("logs").display()
             );
-            stop(&mut file, &mut children, &path).await?;
-            bail!("cluster failed to start");
         }
     }
 
@@ -316,20 +315,37 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the metadata service answers and `nodes` storage nodes have registered.
+/// Waits until the metadata service answers and `nodes` storage nodes have registered and
+/// are up. Fails at once if one of the processes exits meanwhile (a port already taken, a
+/// bad disk path), and after 60 s if the nodes still are not all up: "cairn is up" is only
+/// ever printed for the whole cluster.
 async fn wait_ready(
     client: &MetaClient,
     nodes: usize,
-) -> Result<pb::ClusterStatusResponse, cairn_client::MetaClientError> {
+    file: &ClusterFile,
+    children: &mut [Option<Child>],
+) -> anyhow::Result<pb::ClusterStatusResponse> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
+        for (p, c) in file.processes.iter().zip(children.iter_mut()) {
+            if let Some(Ok(Some(status))) = c.as_mut().map(Child::try_wait) {
+                bail!(
+                    "{} {} exited ({status}); its log: {}",
+                    p.role,
+                    p.id,
+                    p.log.display()
+                );
+            }
+        }
         let s = client
             .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
             .await?;
-        if s.nodes.iter().filter(|n| n.up).count() >= nodes
-            || tokio::time::Instant::now() >= deadline
-        {
+        let up = s.nodes.iter().filter(|n| n.up).count();
+        if up >= nodes {
             return Ok(s);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("only {up} of {nodes} storage nodes registered within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

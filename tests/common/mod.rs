@@ -305,6 +305,24 @@ pub async fn remove_member(c: &MetaClient, id: u64) {
         .unwrap();
 }
 
+/// A `--base-port` for `cairn up`: below the ephemeral range (32768+), so no outgoing
+/// connection of a concurrently running test can hold one of its ports, and with every port
+/// `cairn up` uses (base+1..=base+13) checked free just before. `attempt` moves the pick.
+pub fn up_base_port(attempt: u64) -> u16 {
+    for retry in 0..64u64 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()))
+            .unwrap_or(0);
+        let seed = u64::from(std::process::id()) * 7919 + (attempt * 64 + retry) * 104_729 + nanos;
+        let base = 20_000 + u16::try_from(seed % 900).unwrap() * 10;
+        if (base + 1..=base + 13).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free port range for cairn up in 20000..29000");
+}
+
 /// A whole local cluster as users run it: `cairn up` (1 metadata member, 3 storage nodes,
 /// the NBD gateway) on free ports in a temp dir. Stopped with SIGTERM on drop.
 pub struct UpCluster {
@@ -320,20 +338,7 @@ impl UpCluster {
     pub fn start() -> Self {
         let mut why = String::new();
         for attempt in 0..4u64 {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| u64::from(d.subsec_nanos()))
-                .unwrap_or(0);
-            let seed = u64::from(std::process::id()) * 7919 + attempt * 104_729 + nanos;
-            let base = 20_000 + (seed % 900) as u16 * 10;
-            let ports = [base + 1, base + 9, base + 11, base + 12, base + 13];
-            if !ports
-                .iter()
-                .all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
-            {
-                continue;
-            }
-            match Self::try_start(base) {
+            match Self::try_start(up_base_port(attempt)) {
                 Ok(c) => return c,
                 Err(e) => why = e,
             }
