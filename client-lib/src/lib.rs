@@ -8,7 +8,8 @@
 //!   the previous holder), the layout, writes to every replica, reads from the nearest good one
 //!   with repair of a bad copy. One async API for every frontend.
 //! - [`nbd`]: the NBD server ([`nbd::NbdServer`]) on top of it.
-//! - [`vhost`]: the vhost-user-blk backend ([`vhost::BlkBackend`]) on top of it.
+//! - [`vhost`]: the vhost-user-blk backend ([`vhost::Device`], [`vhost::Blk`]) on top of it,
+//!   with in-flight request tracking across backend restarts.
 
 pub mod data;
 pub mod meta;
