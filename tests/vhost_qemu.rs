@@ -3,8 +3,10 @@
 //! guest writes a pseudo-random pattern with O_DIRECT, syncs, reads it back and compares, and
 //! discards a range; a second, fresh guest finds the same pattern (persistence) and the range
 //! still zeros; a third guest pauses while the backend process is stopped and started again,
-//! and its next writes go through the reconnected device (QEMU's `reconnect=`); then the host
-//! reads the same bytes through NBD.
+//! and its next writes go through the reconnected device (QEMU's `reconnect=`); a fourth
+//! guest keeps 12 writers busy while the backend is killed with SIGKILL and restarted three
+//! times, and sees neither an error nor a lost write (the inflight region QEMU keeps); then
+//! the host reads the same bytes through NBD.
 //!
 //! Needs qemu-system-x86_64 and the guest kit (kernel, modules, busybox) that scripts/setup
 //! puts in ~/.cache/cairn-guest; without them the test fails and says so.
@@ -56,6 +58,40 @@ elif [ "$mode" = reconnect ]; then
   dd if=/pattern.bin of=/dev/vda bs=4096 seek=2048 oflag=direct conv=fsync 2>/dev/null || echo CAIRN-FAIL reconnect-write
   dd if=/dev/vda of=/tmp/back bs=4096 skip=2048 count=256 iflag=direct 2>/dev/null
   cmp /pattern.bin /tmp/back && echo CAIRN-RECONNECT-OK
+elif [ "$mode" = storm ]; then
+  # 12 writers, 4 passes each over a region of their own, each pass different data (the
+  # pattern from block p on), and 4 readers of the first guest's pattern meanwhile: reads
+  # (one replica) overtake writes (three), so requests complete out of order on each queue.
+  # The host kills the backend with SIGKILL during this.
+  echo CAIRN-STORM
+  dd if=/pattern.bin of=/tmp/wantr bs=4096 count=64 2>/dev/null
+  for r in 0 1 2 3; do
+    (
+      while [ ! -e /tmp/stop ]; do
+        dd if=/dev/vda of=/tmp/r$r bs=4096 skip=256 count=64 iflag=direct 2>/dev/null || echo CAIRN-FAIL storm-read-$r
+        cmp /tmp/wantr /tmp/r$r >/dev/null || echo CAIRN-FAIL storm-read-data-$r
+      done
+    ) &
+  done
+  writers=""
+  for w in 0 1 2 3 4 5 6 7 8 9 10 11; do
+    (
+      p=0
+      while [ $p -lt 4 ]; do
+        dd if=/pattern.bin of=/dev/vda bs=4096 skip=$p count=96 seek=$(( 6144 + w * 128 )) oflag=direct 2>/dev/null || echo CAIRN-FAIL storm-write-$w-$p
+        p=$((p+1))
+      done
+      dd if=/pattern.bin of=/tmp/want$w bs=4096 skip=3 count=96 2>/dev/null
+      dd if=/dev/vda of=/tmp/got$w bs=4096 skip=$(( 6144 + w * 128 )) count=96 iflag=direct 2>/dev/null
+      cmp /tmp/want$w /tmp/got$w && echo CAIRN-STORM-OK-$w
+    ) &
+    writers="$writers $!"
+  done
+  wait $writers
+  touch /tmp/stop
+  wait
+  echo CAIRN-STORM-END
+  dmesg | grep -i -e "not a head" -e "I/O error" -e "blk_update_request" -e "broken" && echo CAIRN-FAIL guest-kernel-errors
 else
   dd if=/dev/vda of=/tmp/back bs=4096 skip=256 count=256 iflag=direct 2>/dev/null
   cmp /pattern.bin /tmp/back && echo CAIRN-VERIFY-OK
@@ -171,15 +207,9 @@ fn kernel(kit: &Path) -> PathBuf {
         .expect("a kernel in the guest kit")
 }
 
-/// Boots a guest in `mode`, returns what it printed. `on_pause` runs once, when the guest says
-/// CAIRN-PAUSE.
-fn boot(
-    kit: &Path,
-    initrd: &Path,
-    socket: &Path,
-    mode: &str,
-    mut on_pause: impl FnMut(),
-) -> String {
+/// Boots a guest in `mode`, returns what it printed. `on_cue` runs once, when the guest
+/// prints CAIRN-PAUSE or CAIRN-STORM.
+fn boot(kit: &Path, initrd: &Path, socket: &Path, mode: &str, mut on_cue: impl FnMut()) -> String {
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
@@ -238,9 +268,9 @@ fn boot(
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                if !paused && line.contains("CAIRN-PAUSE") {
+                if !paused && (line.contains("CAIRN-PAUSE") || line.contains("CAIRN-STORM")) {
                     paused = true;
-                    on_pause();
+                    on_cue();
                 }
                 text.push_str(&line);
             }
@@ -260,19 +290,22 @@ fn boot(
     text
 }
 
-/// Starts `cairn vhost serve` for the test volume and waits for its socket.
+/// Starts `cairn vhost serve` for the test volume and waits for its socket. Its log goes to
+/// `backend-<pid>.log` in the cluster's directory.
 fn start_backend(c: &UpCluster, socket: &Path) -> KillOnDrop {
     let _ = std::fs::remove_file(socket);
-    let b = KillOnDrop(
-        Command::new(common::CAIRN)
-            .args(["--meta", &c.meta, "vhost", "serve", "--volume", "guest"])
-            .args(["--queues", "2", "--socket"])
-            .arg(socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let log = tempfile::NamedTempFile::new_in(c.path(".")).unwrap();
+    let child = Command::new(common::CAIRN)
+        .args(["--meta", &c.meta, "vhost", "serve", "--volume", "guest"])
+        .args(["--queues", "2", "--socket"])
+        .arg(socket)
+        .env("CAIRN_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let _ = log.persist(c.path(&format!("backend-{}.log", child.id())));
+    let b = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "the backend did not start");
@@ -334,6 +367,35 @@ fn a_qemu_guest_writes_reads_and_discards_on_a_cairn_volume() {
         *backend.borrow_mut() = Some(start_backend(&c, &socket));
     });
     assert!(third.contains("CAIRN-RECONNECT-OK"), "{third}");
+
+    // The backend is killed (SIGKILL) three times while 12 writers in the guest keep
+    // requests in flight on both queues; each time a new backend starts on the same socket,
+    // QEMU reconnects and hands it the inflight region. The guest sees no error, every
+    // writer's last pass is what the disk holds, and the kernel reports nothing.
+    let fourth = boot(&kit, &initrd, &socket, "storm", || {
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(1500));
+            let mut b = backend.borrow_mut().take().unwrap();
+            b.0.kill().unwrap();
+            b.0.wait().unwrap();
+            *backend.borrow_mut() = Some(start_backend(&c, &socket));
+        }
+    });
+    for w in 0..12 {
+        assert!(fourth.contains(&format!("CAIRN-STORM-OK-{w}")), "{fourth}");
+    }
+    // Each restarted backend logs the requests it found in flight: at least one kill must
+    // have landed in the middle of I/O, or the test proved nothing.
+    let mut logs = String::new();
+    for e in std::fs::read_dir(c.path(".")).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("backend-") {
+            logs.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    assert!(
+        logs.contains("running again the requests a previous backend left in flight"),
+        "no restarted backend found requests in flight: the kills missed the I/O\n{logs}\n{fourth}"
+    );
 
     // The backend gives its lease back on SIGTERM; then the host reads through NBD.
     stop_backend(backend.borrow_mut().take().unwrap());
