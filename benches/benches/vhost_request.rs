@@ -1,6 +1,7 @@
 //! The vhost-user-blk backend's per-request CPU path, without the volume: parse the header,
 //! check the range, copy a 4 KiB write's data out of guest memory (or a read's data into it)
-//! and write the status byte — what every request costs before and after `VolumeClient`.
+//! and write the status byte — what every request costs before and after `VolumeClient`;
+//! walking its descriptor chain, and marking it in the inflight region and clearing the mark.
 //!
 //! cargo bench -p cairn-benches --bench vhost_request
 
@@ -58,6 +59,43 @@ fn bench(c: &mut Criterion) {
             segs.extend_from_slice(&0u32.to_le_bytes());
         }
         b.iter(|| parse_segments(std::hint::black_box(&segs)).unwrap().len())
+    });
+    g.bench_function("walk_chain_3_descriptors", |b| {
+        // header -> data -> status at descriptors 0, 1, 2 of a table at 0x8000.
+        for (i, (addr, len, flags, next)) in [
+            (0x1000u64, 16u32, 1u16, 1u16),
+            (0x2000, 4096, 1, 2),
+            (0x4000, 1, 2, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, GuestAddress(0x8000 + 16 * i as u64))
+                .unwrap();
+        }
+        b.iter(|| {
+            cairn_client::vhost::chain::walk(&mem, 0x8000, 256, std::hint::black_box(0), true)
+                .unwrap()
+                .len()
+        })
+    });
+    g.bench_function("inflight_take_and_return", |b| {
+        let (region, _fd) = cairn_client::vhost::inflight::Region::create(1, 256).unwrap();
+        let q = region.queue(0).unwrap();
+        q.init(0);
+        let mut n = 0u64;
+        b.iter(|| {
+            let head = (n % 256) as u16;
+            q.taken(head, n);
+            q.returning(head);
+            n += 1;
+            q.returned(head, n as u16);
+        })
     });
     g.finish();
 }
