@@ -93,8 +93,9 @@ impl Driver {
         let used_idx = self.used_ring.unchecked_add(2);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            // The ring may have moved past more than one element since the last look.
             let idx: u16 = self.mem.read_obj(used_idx).unwrap();
-            if idx == self.used.wrapping_add(1) {
+            if idx != self.used && idx.wrapping_sub(self.used) < QUEUE {
                 break;
             }
             assert!(
