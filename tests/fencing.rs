@@ -42,6 +42,7 @@ async fn node_learns_generations_from_the_metadata_service() {
         rack: "h1".into(),
         site: "s".into(),
         heartbeat: Duration::from_millis(200),
+        resync_every: Duration::from_secs(1),
     })
     .await
     .unwrap();

@@ -133,6 +133,7 @@ async fn node_run(a: NodeRunArgs, meta: &[String]) -> anyhow::Result<()> {
         },
         host,
         heartbeat: std::time::Duration::from_secs(2),
+        resync_every: std::time::Duration::from_secs(1),
     };
     let node = cairn_storage_node::Node::start(cfg).await?;
     shutdown_signal().await;

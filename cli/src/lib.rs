@@ -24,12 +24,16 @@ use args::{Cli, Command, MetaCommand};
 /// Runs the CLI with the process's arguments.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Long-running services log what they do (info); one-shot commands only problems.
     let daemon = matches!(
         cli.command,
         Command::Up(_)
             | Command::Meta {
                 command: MetaCommand::Run(_)
             }
+            | Command::Node { .. }
+            | Command::Nbd { .. }
+            | Command::Vhost { .. }
     );
     init_tracing(if daemon { "info" } else { "warn" });
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -56,6 +60,8 @@ fn init_tracing(default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours for a terminal only: logs in files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -61,6 +61,27 @@ pub enum MetaError {
         #[source]
         source: NotEnoughDomains,
     },
+    #[error("placement group {id} does not exist")]
+    GroupNotFound { id: u64 },
+    #[error("disk {disk} is not a member of placement group {group}")]
+    NotAMember { group: u64, disk: String },
+    #[error("placement group {group} is at epoch {current}, not {got}: its membership changed; fetch it again")]
+    EpochMoved { group: u64, got: u64, current: u64 },
+    #[error(
+        "placement group {group} has {active} active members and needs {min}: \
+         taking another out would leave too few copies"
+    )]
+    BelowMinReplicas {
+        group: u64,
+        active: usize,
+        min: usize,
+    },
+    #[error("disk {disk} of placement group {group} is {state}")]
+    WrongMemberState {
+        group: u64,
+        disk: String,
+        state: String,
+    },
     #[error("member {id} already exists")]
     MemberExists { id: u64 },
     #[error("member {id} does not exist")]
@@ -98,7 +119,12 @@ impl From<MetaError> for tonic::Status {
             MetaError::VolumeNotFound { .. }
             | MetaError::PoolNotFound { .. }
             | MetaError::NodeNotFound { .. }
+            | MetaError::GroupNotFound { .. }
             | MetaError::MemberNotFound { .. } => Code::NotFound,
+            MetaError::NotAMember { .. } => Code::InvalidArgument,
+            MetaError::EpochMoved { .. }
+            | MetaError::BelowMinReplicas { .. }
+            | MetaError::WrongMemberState { .. } => Code::FailedPrecondition,
             MetaError::VolumeAttached { .. }
             | MetaError::LeaseHeld { .. }
             | MetaError::LeaseLost { .. }

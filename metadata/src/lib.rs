@@ -10,6 +10,8 @@
 //!   state machine's records; implements `raft::Storage`.
 //! - [`state`]: the deterministic state machine — records, commands, `apply`.
 //! - [`placement`]: pure choice of a placement group's disks across failure domains.
+//! - [`membership`]: a group's members leaving (a failed write), catching up and rejoining,
+//!   each step raising the group's epoch.
 //! - [`node`]: the raft loop thread (proposals, ReadIndex reads, `Ready` handling).
 //! - [`transport`]: member-to-member raft messages over gRPC.
 //! - [`service`]: the `Metadata` gRPC API.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod failpoints;
 mod logger;
+pub mod membership;
 pub mod node;
 pub mod placement;
 pub mod service;

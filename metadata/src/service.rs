@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::error::MetaError;
+use crate::membership::Change;
 use crate::node::{role_name, Msg, RaftHandle};
 use crate::state::{ClusterState, Command, DiskRecord, Reply};
 
@@ -148,6 +149,34 @@ impl MetaService {
                 Ok(self.raft.state.read().expect("state lock").volume_to_pb(&v))
             }
             other => Err(MetaError::Storage(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Proposes a membership change and answers with the group as it is after it.
+    async fn member(
+        &self,
+        group: u64,
+        epoch: u64,
+        disk: String,
+        change: Change,
+    ) -> Resp<pb::GroupResponse> {
+        if disk.is_empty() || disk.len() > 64 {
+            return Err(Status::invalid_argument(
+                "a member is named by its disk uuid",
+            ));
+        }
+        let cmd = Command::Member {
+            group,
+            epoch,
+            disk,
+            change,
+        };
+        match self.propose(cmd).await? {
+            Reply::Group(id) => {
+                let group = self.raft.state.read().expect("state lock").group_to_pb(id);
+                Ok(Response::new(pb::GroupResponse { group }))
+            }
+            other => Err(MetaError::Storage(format!("unexpected reply {other:?}")).into()),
         }
     }
 
@@ -377,6 +406,56 @@ impl Metadata for MetaService {
                 name: name.to_string(),
             })?;
         Ok(Response::new(r))
+    }
+
+    async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Resp<pb::GroupResponse> {
+        let id = req.into_inner().group;
+        let group = self
+            .read(move |s| s.group_to_pb(id))
+            .await?
+            .ok_or(MetaError::GroupNotFound { id })?;
+        Ok(Response::new(pb::GroupResponse { group: Some(group) }))
+    }
+
+    async fn report_member_failure(
+        &self,
+        req: Request<pb::ReportMemberFailureRequest>,
+    ) -> Resp<pb::GroupResponse> {
+        let r = req.into_inner();
+        tracing::warn!(group = r.group, epoch = r.epoch, disk = %r.disk_uuid, reason = %r.reason, "member failure reported");
+        self.member(r.group, r.epoch, r.disk_uuid, Change::Failed)
+            .await
+    }
+
+    async fn begin_resync(&self, req: Request<pb::ResyncRequest>) -> Resp<pb::GroupResponse> {
+        let r = req.into_inner();
+        self.member(r.group, r.epoch, r.disk_uuid, Change::BeginResync)
+            .await
+    }
+
+    async fn finish_resync(&self, req: Request<pb::ResyncRequest>) -> Resp<pb::GroupResponse> {
+        let r = req.into_inner();
+        self.member(r.group, r.epoch, r.disk_uuid, Change::FinishResync)
+            .await
+    }
+
+    async fn stale_members(
+        &self,
+        req: Request<pb::StaleMembersRequest>,
+    ) -> Resp<pb::StaleMembersResponse> {
+        let node = req.into_inner().node_id;
+        let groups = self
+            .read(move |s| {
+                Some(
+                    s.stale_groups_of(node)
+                        .into_iter()
+                        .filter_map(|g| s.group_to_pb(g))
+                        .collect(),
+                )
+            })
+            .await?
+            .unwrap_or_default();
+        Ok(Response::new(pb::StaleMembersResponse { groups }))
     }
 
     async fn attach(&self, req: Request<pb::AttachRequest>) -> Resp<pb::LeaseResponse> {

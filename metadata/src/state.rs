@@ -85,6 +85,9 @@ pub struct GroupRecord {
     /// Disk uuids, in group order.
     pub disks: Vec<String>,
     pub segments: u64,
+    /// Members that are not active (stale or catching up), by disk uuid.
+    #[serde(default)]
+    pub states: BTreeMap<String, crate::membership::MemberState>,
 }
 
 /// A command, as proposed to raft and stored in its log. Serialized as JSON: self-describing, so
@@ -135,6 +138,13 @@ pub enum Command {
         holder: String,
         generation: u64,
     },
+    /// A membership change of a group after a failure ([`crate::membership`]).
+    Member {
+        group: u64,
+        epoch: u64,
+        disk: String,
+        change: crate::membership::Change,
+    },
 }
 
 /// What the log stores for each normal entry.
@@ -153,6 +163,7 @@ pub enum Reply {
     Volume(Box<VolumeRecord>),
     Segment { index: u64, group: u64 },
     Lease(Box<VolumeRecord>),
+    Group(u64),
     Done,
 }
 
@@ -240,6 +251,10 @@ impl ClusterState {
             value: Some(json(&v)),
         });
         self.volumes.insert(v.name.clone(), v);
+    }
+
+    pub(crate) fn put_group_record(&mut self, g: GroupRecord, w: &mut Vec<Write>) {
+        self.put_group(g, w);
     }
 
     fn put_group(&mut self, g: GroupRecord, w: &mut Vec<Write>) {
@@ -587,6 +602,12 @@ impl ClusterState {
                 self.put_volume(v, w);
                 Ok(Reply::Done)
             }
+            Command::Member {
+                group,
+                epoch,
+                disk,
+                change,
+            } => self.change_member(group, epoch, &disk, change, w),
         }
     }
 
@@ -635,6 +656,7 @@ impl ClusterState {
                 epoch: 1,
                 disks,
                 segments: 0,
+                states: BTreeMap::new(),
             };
             let id = g.id;
             self.put_group(g, w);
@@ -688,11 +710,17 @@ impl ClusterState {
                     .nodes
                     .values()
                     .find(|n| n.disks.iter().any(|x| &x.uuid == d));
+                let state = match g.state_of(d) {
+                    crate::membership::MemberState::Active => pb::MemberState::Active,
+                    crate::membership::MemberState::Stale => pb::MemberState::Stale,
+                    crate::membership::MemberState::Syncing => pb::MemberState::Syncing,
+                };
                 pb::GroupMember {
                     disk_uuid: d.clone(),
                     node_id: node.map_or(0, |n| n.id),
                     data_addr: node.map(|n| n.data_addr.clone()).unwrap_or_default(),
                     host: node.map(|n| n.host.clone()).unwrap_or_default(),
+                    state: state as i32,
                 }
             })
             .collect();

@@ -20,6 +20,9 @@
 //! - [`protocol`]: the data protocol server and its request validation (the frame codec and
 //!   the client are in `cairn_client::data`).
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
+//! - [`resync`]: bringing a group member that missed writes up to date — the per-group
+//!   record of chunks written while degraded, the epoch barrier, and the copy of exactly
+//!   those chunks.
 //!
 //! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats.
 //!
@@ -32,6 +35,7 @@ pub mod fence;
 pub mod format;
 pub mod node;
 pub mod protocol;
+pub mod resync;
 
 pub use engine::{ChunkEngine, ChunkId, EngineError};
 pub use node::{DiskSpec, Node, NodeConfig};

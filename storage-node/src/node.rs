@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::engine::disk::DiskEngine;
 use crate::engine::{ChunkEngine, CHUNK_SIZE};
 use crate::fence::Fence;
 use crate::protocol::server::{DataServer, ServerStats};
+use crate::resync::{resync_loop, Dirty, Gates, Syncing};
 
 /// A disk of the node: a block device or a file (created sparse at `create_size` if missing).
 #[derive(Debug, Clone)]
@@ -55,6 +57,8 @@ pub struct NodeConfig {
     pub rack: String,
     pub site: String,
     pub heartbeat: Duration,
+    /// How often to look for group memberships of this node to bring up to date.
+    pub resync_every: Duration,
 }
 
 pub struct Node {
@@ -113,6 +117,11 @@ impl Node {
             fence: Arc::new(Fence::open(&cfg.data_dir.join("fence"))?),
             node_uuid: node_uuid.clone(),
             stats: Arc::new(ServerStats::default()),
+            dirty: Arc::new(Dirty::open(&cfg.data_dir.join("dirty"))?),
+            gates: Gates::default(),
+            syncing: Syncing::default(),
+            // Standalone, there is no one to learn from.
+            ready: AtomicBool::new(cfg.meta.is_empty()),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -127,6 +136,7 @@ impl Node {
         } else {
             let client = MetaClient::new(&cfg.meta)?;
             let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+            let (id_tx, id_rx) = tokio::sync::watch::channel(None);
             tasks.push(tokio::spawn(heartbeat_loop(
                 client,
                 cfg.clone(),
@@ -134,6 +144,13 @@ impl Node {
                 advertise,
                 server.clone(),
                 paths,
+                id_tx,
+            )));
+            tasks.push(tokio::spawn(resync_loop(
+                MetaClient::new(&cfg.meta)?,
+                server.clone(),
+                id_rx,
+                cfg.resync_every,
             )));
         }
         tracing::info!(%addr, uuid = %node_uuid, "storage node serving");
@@ -187,6 +204,7 @@ async fn heartbeat_loop(
     advertise: String,
     server: Arc<DataServer<DiskEngine>>,
     paths: HashMap<String, String>,
+    id_tx: tokio::sync::watch::Sender<Option<u64>>,
 ) {
     let mut node_id = None;
     loop {
@@ -211,6 +229,7 @@ async fn heartbeat_loop(
                     Ok(r) => {
                         tracing::info!(node_id = r.node_id, "registered with the metadata service");
                         node_id = Some(r.node_id);
+                        let _ = id_tx.send(node_id);
                         continue;
                     }
                     Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
@@ -237,6 +256,10 @@ async fn heartbeat_loop(
                         let e: Vec<(u64, u64)> =
                             resp.epochs.iter().map(|x| (x.group, x.epoch)).collect();
                         server.fence.learn(&g, &e);
+                        // Now current: serve.
+                        if !server.ready.swap(true, Ordering::AcqRel) {
+                            tracing::info!("fencing marks current; serving requests");
+                        }
                     }
                     Err(e) if e.code() == tonic::Code::NotFound => {
                         node_id = None;

@@ -2,6 +2,7 @@
 //! pipelining, fencing, corruption reporting, and malformed input.
 
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -11,6 +12,7 @@ use cairn_storage_node::engine::disk::DiskEngine;
 use cairn_storage_node::engine::{ChunkEngine, ChunkId, CHUNK_SIZE};
 use cairn_storage_node::fence::Fence;
 use cairn_storage_node::protocol::server::{DataServer, ServerStats};
+use cairn_storage_node::resync::{Dirty, Gates, Syncing};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Node {
@@ -32,6 +34,10 @@ async fn node() -> Node {
         disks: [(engine.uuid(), Arc::new(engine))].into_iter().collect(),
         fence: Arc::new(Fence::open(&dir.path().join("fence")).unwrap()),
         stats: Arc::new(ServerStats::default()),
+        dirty: Arc::new(Dirty::open(&dir.path().join("dirty")).unwrap()),
+        gates: Gates::default(),
+        syncing: Syncing::default(),
+        ready: AtomicBool::new(true),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -175,7 +181,8 @@ async fn fencing_by_generation_and_epoch() {
     );
     assert_eq!(
         status(&c.call(w(6, 2), d()).await.unwrap().0),
-        pb::Status::Fenced
+        pb::Status::StaleEpoch,
+        "an older epoch: the group's membership changed"
     );
     assert_eq!(
         status(&c.call(w(0, 3), d()).await.unwrap().0),

@@ -572,6 +572,6 @@ fn errno_of(e: &VolumeError) -> u32 {
         VolumeError::OutOfRange { .. } | VolumeError::Unaligned { .. } => EINVAL,
         VolumeError::NoSpace(_) => ENOSPC,
         VolumeError::Fenced { .. } => ESHUTDOWN,
-        VolumeError::Meta(_) | VolumeError::Io(_) => EIO,
+        VolumeError::Meta(_) | VolumeError::Io(_) | VolumeError::StaleEpoch => EIO,
     }
 }

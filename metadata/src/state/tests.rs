@@ -215,3 +215,79 @@ fn too_few_hosts() {
     );
     assert!(w.is_empty(), "a rejected command writes nothing");
 }
+
+/// A member whose write failed leaves the active set (epoch + 1), not below `min_replicas`;
+/// a report about an older epoch changes nothing; catching up and finishing each raise the
+/// epoch; the records written rebuild the same state.
+#[test]
+fn membership_changes_follow_epochs() {
+    use crate::membership::{Change, MemberState};
+    let mut s = with_nodes(3, 1);
+    let _ = s.apply(env(0, create("a", 1 << 30, "")));
+    let (r, _) = s.apply(env(
+        1,
+        Command::AllocateSegment {
+            volume: vol("a"),
+            index: 0,
+            prefer_host: String::new(),
+        },
+    ));
+    let Ok(Reply::Segment { group, .. }) = r else {
+        panic!("{r:?}")
+    };
+    let disks = s.groups[&group].disks.clone();
+    let member = |s: &mut ClusterState, epoch, disk: &str, change| {
+        s.apply(env(
+            2,
+            Command::Member {
+                group,
+                epoch,
+                disk: disk.into(),
+                change,
+            },
+        ))
+    };
+    assert!(member(&mut s, 1, &disks[0], Change::Failed).0.is_ok());
+    assert_eq!(s.groups[&group].epoch, 2);
+    assert_eq!(s.groups[&group].state_of(&disks[0]), MemberState::Stale);
+    // The same failure reported by someone who saw epoch 1: nothing changes.
+    assert!(member(&mut s, 1, &disks[1], Change::Failed).0.is_ok());
+    assert_eq!(s.groups[&group].epoch, 2);
+    assert_eq!(s.groups[&group].state_of(&disks[1]), MemberState::Active);
+    // Two active members left and min_replicas is 2: no further member can go.
+    assert!(matches!(
+        member(&mut s, 2, &disks[1], Change::Failed).0,
+        Err(MetaError::BelowMinReplicas { .. })
+    ));
+    // Finishing before starting, or at an old epoch, is refused.
+    assert!(matches!(
+        member(&mut s, 2, &disks[0], Change::FinishResync).0,
+        Err(MetaError::WrongMemberState { .. })
+    ));
+    assert!(matches!(
+        member(&mut s, 1, &disks[0], Change::BeginResync).0,
+        Err(MetaError::EpochMoved { .. })
+    ));
+    assert!(member(&mut s, 2, &disks[0], Change::BeginResync).0.is_ok());
+    assert_eq!(s.groups[&group].state_of(&disks[0]), MemberState::Syncing);
+    let owner = |d: &str| {
+        s.nodes
+            .values()
+            .find(|n| n.disks.iter().any(|x| x.uuid == d))
+            .unwrap()
+            .id
+    };
+    assert_eq!(s.stale_groups_of(owner(&disks[0])), vec![group]);
+    assert_eq!(s.stale_groups_of(owner(&disks[1])), Vec::<u64>::new());
+    let (r, w) = member(&mut s, 3, &disks[0], Change::FinishResync);
+    assert!(r.is_ok() && !w.is_empty());
+    assert!(s.groups[&group].whole());
+    assert_eq!(s.groups[&group].epoch, 4);
+    let rebuilt = ClusterState::from_records(
+        s.all_records()
+            .iter()
+            .map(|w| (w.key.as_slice(), w.value.as_deref().unwrap())),
+    )
+    .unwrap();
+    assert_eq!(rebuilt, s);
+}

@@ -9,13 +9,29 @@ use crate::engine::{check_range, ChunkId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, len: u64 },
-    Write { offset: u64, data: Bytes },
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
     Flush,
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64 },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
     ChunkInfo,
     ChunkCopy,
+    /// Raise the group's epoch and wait for requests admitted under older ones.
+    Barrier,
+    DirtyList,
+    ClearDirty,
 }
 
 impl Command {
@@ -37,6 +53,8 @@ pub struct Request {
     pub generation: u64,
     pub group: u64,
     pub epoch: u64,
+    /// The sender's group has members out of date: record the chunk as one they missed.
+    pub degraded: bool,
     pub cmd: Command,
 }
 
@@ -143,6 +161,17 @@ impl Request {
                 no_payload()?;
                 Command::ChunkCopy
             }
+            pb::Op::Barrier | pb::Op::DirtyList | pb::Op::ClearDirty => {
+                no_payload()?;
+                if h.epoch == 0 {
+                    return Err(invalid(id, format!("{op:?} needs the group's epoch")));
+                }
+                match op {
+                    pb::Op::Barrier => Command::Barrier,
+                    pb::Op::DirtyList => Command::DirtyList,
+                    _ => Command::ClearDirty,
+                }
+            }
         };
         if cmd.mutates() && h.generation == 0 {
             return Err(Refusal {
@@ -164,6 +193,7 @@ impl Request {
             generation: h.generation,
             group: h.group,
             epoch: h.epoch,
+            degraded: h.degraded,
             cmd,
         })
     }
@@ -188,6 +218,7 @@ mod tests {
             epoch: 5,
             payload_crc: crc,
             disk: String::new(),
+            degraded: false,
         }
         .encode_to_vec()
     }

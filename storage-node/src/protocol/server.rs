@@ -5,7 +5,7 @@
 //! decoded at all (no request id to answer) closes that connection only. Other connections
 //! and the node are never affected.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::request::{Command, Request};
 use crate::engine::{ChunkEngine, EngineError, CHUNK_SIZE};
-use crate::fence::Fence;
+use crate::fence::{Fence, Fenced};
+use crate::resync::{mark_blocks, Dirty, Gates, Syncing};
 use cairn_client::data::frame::{Frame, FrameCodec};
 use cairn_client::data::{HELLO_MAGIC, PROTOCOL_VERSION};
 
@@ -44,6 +45,14 @@ pub struct DataServer<E> {
     pub fence: Arc<Fence>,
     pub node_uuid: String,
     pub stats: Arc<ServerStats>,
+    /// Chunks written while their group was degraded.
+    pub dirty: Arc<Dirty>,
+    pub gates: Gates,
+    pub syncing: Syncing,
+    /// False until the node has learned the current generations and epochs from the
+    /// metadata service: a node back from a crash must not take a write from a client the
+    /// cluster has since fenced or moved past.
+    pub ready: AtomicBool,
 }
 
 fn response(id: u64, status: pb::Status, message: String) -> pb::Response {
@@ -195,16 +204,51 @@ impl<E: ChunkEngine> DataServer<E> {
 
     async fn execute(&self, req: Request) -> (pb::Response, Bytes) {
         let id = req.id;
+        let fail = |status, msg: String| (response(id, status, msg), Bytes::new());
+        if !self.ready.load(Ordering::Acquire) {
+            return fail(
+                pb::Status::Unavailable,
+                "this node is starting and has not yet heard from the metadata service".into(),
+            );
+        }
+        // Mutating requests hold their group's gate while they run (a barrier waits for them);
+        // taken before the fencing check, so a request admitted under an old epoch is one the
+        // barrier waits for.
+        let gate =
+            (req.cmd.mutates() || req.cmd == Command::Barrier).then(|| self.gates.get(req.group));
+        let _running = match (&gate, &req.cmd) {
+            (Some(g), c) if c.mutates() => Some(g.clone().read_owned().await),
+            _ => None,
+        };
         if let Err(f) = self
             .fence
             .admit(req.chunk.volume, req.generation, req.group, req.epoch)
         {
-            if req.cmd.mutates() || req.generation != 0 {
+            if req.cmd.mutates() || req.generation != 0 || req.epoch != 0 {
                 self.stats.fenced.fetch_add(1, Ordering::Relaxed);
-                return (
-                    response(id, pb::Status::Fenced, f.to_string()),
-                    Bytes::new(),
-                );
+                let status = match f {
+                    Fenced::Generation { .. } => pb::Status::Fenced,
+                    Fenced::Epoch { .. } => pb::Status::StaleEpoch,
+                };
+                return fail(status, f.to_string());
+            }
+        }
+        if req.cmd.mutates() {
+            if req.degraded {
+                if let Err(e) = self.dirty.mark(req.group, req.chunk) {
+                    tracing::error!(error = %e, "cannot record a degraded write; refusing it");
+                    return fail(pb::Status::Unavailable, format!("dirty record: {e}"));
+                }
+            }
+            if let Some(marks) = self.syncing.marks(req.group, req.chunk) {
+                let (offset, len) = match &req.cmd {
+                    Command::Write { offset, data } => (*offset, data.len() as u64),
+                    Command::Discard { offset, len } | Command::WriteZeroes { offset, len } => {
+                        (*offset, *len)
+                    }
+                    _ => (0, 0),
+                };
+                mark_blocks(&mut *marks.lock().await, offset, len);
             }
         }
         let e = match (req.disk.as_str(), self.disks.len()) {
@@ -213,10 +257,35 @@ impl<E: ChunkEngine> DataServer<E> {
                 Some(e) => e,
                 None => {
                     let msg = format!("disk {d:?} is not on this node");
-                    return (response(id, pb::Status::Invalid, msg), Bytes::new());
+                    return fail(pb::Status::Invalid, msg);
                 }
             },
         };
+        match req.cmd {
+            Command::Barrier => {
+                // Every request admitted under an older epoch holds the gate; wait them out.
+                drop(gate.expect("barrier has a gate").write_owned().await);
+                return (response(id, pb::Status::Ok, String::new()), Bytes::new());
+            }
+            Command::DirtyList => {
+                let mut out = Vec::new();
+                for (v, c) in self.dirty.list(req.group) {
+                    out.extend_from_slice(&v.to_le_bytes());
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+                let out = Bytes::from(out);
+                let mut r = response(id, pb::Status::Ok, String::new());
+                r.payload_crc = crc32c::crc32c(&out);
+                return (r, out);
+            }
+            Command::ClearDirty => {
+                return match self.dirty.clear(req.group) {
+                    Ok(()) => (response(id, pb::Status::Ok, String::new()), Bytes::new()),
+                    Err(e) => fail(pb::Status::IoError, format!("{e}")),
+                };
+            }
+            _ => {}
+        }
         let result = match req.cmd {
             Command::Read { offset, len } => {
                 e.read(req.chunk, offset, len).await.map(|d| (None, d))
@@ -245,6 +314,9 @@ impl<E: ChunkEngine> DataServer<E> {
                     .map(|d| (Some(info.mapped), d)),
                 Err(err) => Err(err),
             },
+            Command::Barrier | Command::DirtyList | Command::ClearDirty => {
+                unreachable!("answered above")
+            }
         };
         match result {
             Ok((mapped, payload)) => {

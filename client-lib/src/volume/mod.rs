@@ -5,12 +5,17 @@
 //!   generation, and before any I/O the client raises it on every member of every allocated
 //!   group, so the previous holder's writes are refused from then on. The lease is renewed in
 //!   the background; a lost lease fences this client (every later call fails with `Fenced`).
-//! - A write goes to every member of its group in parallel and succeeds only when all of them
-//!   have it on media. Writes are durable when acknowledged, so `flush` has nothing to wait
-//!   for and FUA needs nothing extra.
-//! - A read goes to the member on this host first, else the least loaded one; a member that
-//!   answers with a checksum error (corrupt or torn block), an I/O error or not at all is
-//!   passed over for the next, and a member that had a bad copy is repaired from the good one.
+//! - A write goes to every member of its group that takes writes (active and catching up) in
+//!   parallel and succeeds only when all of them have it on media. A member that fails is
+//!   reported and leaves the group's active set (epoch + 1) if at least `min_replicas` stay;
+//!   the write is then sent again to the group as it is now, marked `degraded` so the
+//!   remaining members record the chunk for the missing one's resync ([`groups`]). Writes are
+//!   durable when acknowledged, so `flush` has nothing to wait for and FUA needs nothing
+//!   extra.
+//! - A read goes to an active member: the one on this host first, else the least loaded; a
+//!   member that answers with a checksum error (corrupt or torn block), an I/O error or not
+//!   at all is passed over for the next, and a member that had a bad copy is repaired from
+//!   the good one. A member catching up serves no reads.
 //! - A segment (1 GiB) gets its group on its first write; reads of a segment never written
 //!   are zeros, without asking anyone (this client holds the lease: nobody else writes).
 //! - Requests are 4 KiB aligned; they are split at 4 MiB chunk boundaries.
@@ -28,9 +33,13 @@ use futures::future::join_all;
 use crate::data::client::{ClientError, DataClient};
 use crate::meta::{MetaClient, MetaClientError};
 
+mod groups;
+
 /// The storage nodes' chunk size: requests are split at its boundaries.
 pub const CHUNK_SIZE: u64 = 4 << 20;
 pub const BLOCK_SIZE: u64 = 4096;
+/// A member that has not answered a request in this long is treated as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -46,6 +55,10 @@ pub enum VolumeError {
     NoSpace(String),
     #[error("I/O error: {0}")]
     Io(String),
+    /// A member answered that the group's membership changed since this client looked: the
+    /// request is sent again to the group as it is now (never returned to callers).
+    #[error("the placement group's membership changed")]
+    StaleEpoch,
 }
 
 impl VolumeError {
@@ -69,13 +82,7 @@ pub struct AttachOptions {
     pub host: String,
 }
 
-/// A placement group as this client last saw it.
-#[derive(Debug, Clone)]
-struct Group {
-    id: u64,
-    epoch: u64,
-    members: Vec<pb::GroupMember>,
-}
+pub(crate) use groups::Group;
 
 /// One piece of a request: a range within one chunk.
 #[derive(Debug, Clone, Copy)]
@@ -202,32 +209,43 @@ impl VolumeClient {
         Ok(())
     }
 
-    /// Sends the new generation to every member of every allocated group (a flush, which
-    /// changes nothing), so each raises its fencing mark before this client's first I/O.
+    /// Sends the new generation to every member that takes writes in every allocated group
+    /// (a flush, which changes nothing), so each raises its fencing mark before this client's
+    /// first I/O. A member that cannot be reached is reported failed and leaves its group's
+    /// active set: it learns the new generation from the metadata service before it serves
+    /// again, and resyncs before it rejoins.
     async fn fence_previous_holders(&self) -> Result<()> {
-        let groups: Vec<Arc<Group>> = self
-            .segments
-            .lock()
-            .expect("segments lock")
-            .values()
-            .cloned()
-            .collect();
-        let mut seen = std::collections::HashSet::new();
-        let mut calls = Vec::new();
-        for g in &groups {
-            for m in &g.members {
-                if seen.insert((m.data_addr.clone(), m.disk_uuid.clone())) {
-                    calls.push(self.call(
-                        m,
-                        self.request(dpb::Op::Flush, g, 0, 0, 0),
-                        Bytes::new(),
-                    ));
+        let groups: Vec<Arc<Group>> = {
+            let segs = self.segments.lock().expect("segments lock");
+            let mut by_id: HashMap<u64, Arc<Group>> = HashMap::new();
+            for g in segs.values() {
+                by_id.entry(g.id).or_insert_with(|| g.clone());
+            }
+            by_id.into_values().collect()
+        };
+        let fence_group = |g: Arc<Group>| async move {
+            let writers = g.writers();
+            let calls = writers
+                .iter()
+                .map(|m| self.call(m, self.request(dpb::Op::Flush, &g, 0, 0, 0), Bytes::new()));
+            let results = join_all(calls).await;
+            let mut g = g.clone();
+            for (m, r) in writers.iter().zip(results) {
+                match r.and_then(|(r, _)| self.check(&r)) {
+                    Ok(()) | Err(VolumeError::StaleEpoch) => {}
+                    Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                    Err(e) => {
+                        let why = format!("fencing flush to {}: {e}", m.data_addr);
+                        g = self.report_failure(&g, m, &why).await.map_err(|re| {
+                            VolumeError::io(format!("{why}; the member cannot be taken out: {re}"))
+                        })?;
+                    }
                 }
             }
-        }
-        for r in join_all(calls).await {
-            let (r, _) = r?;
-            self.check(&r)?;
+            Ok(())
+        };
+        for r in join_all(groups.into_iter().map(fence_group)).await {
+            r?;
         }
         Ok(())
     }
@@ -332,6 +350,7 @@ impl VolumeClient {
             generation: self.generation,
             group: g.id,
             epoch: g.epoch,
+            degraded: g.degraded(),
             ..Default::default()
         }
     }
@@ -383,7 +402,22 @@ impl VolumeClient {
                     break;
                 }
             };
-            match c.call(req.clone(), payload.clone()).await {
+            let answer =
+                tokio::time::timeout(REQUEST_TIMEOUT, c.call(req.clone(), payload.clone()));
+            let answer = match answer.await {
+                Ok(a) => a,
+                Err(_) => {
+                    // Stuck (a hung node, a partition): this connection is not reused.
+                    self.conns.lock().expect("conns lock").remove(&m.data_addr);
+                    result = Err(VolumeError::io(format!(
+                        "storage node {}: no answer in {} s",
+                        m.data_addr,
+                        REQUEST_TIMEOUT.as_secs()
+                    )));
+                    break;
+                }
+            };
+            match answer {
                 Ok(r) => {
                     result = Ok(r);
                     break;
@@ -417,6 +451,7 @@ impl VolumeClient {
                 Err(self.fenced_error())
             }
             dpb::Status::NoSpace => Err(VolumeError::NoSpace(r.message.clone())),
+            dpb::Status::StaleEpoch => Err(VolumeError::StaleEpoch),
             s => Err(VolumeError::io(format!(
                 "{}: {}",
                 s.as_str_name(),
@@ -425,9 +460,9 @@ impl VolumeClient {
         }
     }
 
-    /// Members in the order reads try them: this host's first, then the least loaded.
+    /// Active members in the order reads try them: this host's first, then the least loaded.
     fn read_order(&self, g: &Group) -> Vec<pb::GroupMember> {
-        let mut ms = g.members.clone();
+        let mut ms = g.readers();
         ms.sort_by_key(|m| {
             (
                 m.host != self.host,
@@ -452,13 +487,27 @@ impl VolumeClient {
     }
 
     async fn read_piece(&self, p: Piece) -> Result<Bytes> {
-        let Some(g) = self.group(p.chunk, false).await? else {
+        let Some(mut g) = self.group(p.chunk, false).await? else {
             return Ok(Bytes::from(vec![0u8; p.len as usize]));
         };
+        for _ in 0..3 {
+            match self.read_from(&g, p).await {
+                Err(VolumeError::StaleEpoch) => g = self.refresh_group(g.id).await?,
+                r => return r,
+            }
+        }
+        Err(VolumeError::io(format!(
+            "placement group {}: membership kept changing; read not completed",
+            g.id
+        )))
+    }
+
+    /// Reads a piece from the first active member of `g` that has a good copy.
+    async fn read_from(&self, g: &Group, p: Piece) -> Result<Bytes> {
         let mut bad = Vec::new();
         let mut last = None;
-        for m in self.read_order(&g) {
-            let req = self.request(dpb::Op::Read, &g, p.chunk, p.offset, p.len);
+        for m in self.read_order(g) {
+            let req = self.request(dpb::Op::Read, g, p.chunk, p.offset, p.len);
             let (r, data) = match self.call(&m, req, Bytes::new()).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -472,7 +521,7 @@ impl VolumeClient {
                 && crc32c::crc32c(&data) == r.payload_crc
             {
                 for b in bad {
-                    self.repair(&g, &b, p, data.clone()).await;
+                    self.repair(g, &b, p, data.clone()).await;
                 }
                 return Ok(data);
             }
@@ -495,7 +544,7 @@ impl VolumeClient {
                 }
                 _ => {
                     if let Err(e) = self.check(&r) {
-                        if matches!(e, VolumeError::Fenced { .. }) {
+                        if matches!(e, VolumeError::Fenced { .. } | VolumeError::StaleEpoch) {
                             return Err(e);
                         }
                         last = Some(e);
@@ -566,30 +615,6 @@ impl VolumeClient {
     /// Every acknowledged write is on media on every member already; nothing to wait for.
     pub async fn flush(&self) -> Result<()> {
         self.check_open()
-    }
-
-    /// Sends one piece's request to every member of its group, in parallel; all must succeed.
-    async fn to_all(&self, p: Piece, op: dpb::Op, payload: Bytes, allocate: bool) -> Result<()> {
-        let Some(g) = self.group(p.chunk, allocate).await? else {
-            return Ok(()); // discarding or zeroing a segment never written: nothing there
-        };
-        let calls = g.members.iter().map(|m| {
-            let req = self.request(op, &g, p.chunk, p.offset, p.len);
-            self.call(m, req, payload.clone())
-        });
-        let mut first_err = None;
-        for (m, r) in g.members.iter().zip(join_all(calls).await) {
-            let e = match r.and_then(|(r, _)| self.check(&r)) {
-                Ok(()) => continue,
-                Err(e) => e,
-            };
-            if matches!(e, VolumeError::Fenced { .. }) {
-                return Err(e);
-            }
-            tracing::error!(volume = %self.name, chunk = p.chunk, node = m.node_id, error = %e, op = op.as_str_name(), "member failed");
-            first_err.get_or_insert(e);
-        }
-        first_err.map_or(Ok(()), Err)
     }
 
     /// Which parts of a range hold data: runs of (length, allocated), from `offset`, covering

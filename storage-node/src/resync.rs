@@ -1,0 +1,526 @@
+//! Bringing a group member that missed writes back up to date, copying only what it missed
+//! (DESIGN.md §5.4, §6; DRBD's activity log / bitmap is the model).
+//!
+//! Three pieces on every node:
+//! - [`Dirty`]: the chunks each group had written while it was degraded (a write marked
+//!   `degraded` by its client, whose view of the group had a member out). Persisted — synced
+//!   to RocksDB before the first such write of a chunk runs, so a crash cannot lose it — and
+//!   kept in memory, so later writes of the chunk cost nothing. Cleared once the group is
+//!   whole again.
+//! - [`Gates`]: a per-group lock every mutating request holds while it runs. A barrier
+//!   (OP_BARRIER) raises the group's epoch and then takes the lock exclusively: once it
+//!   answers, no write admitted under an older membership can still land.
+//! - [`Syncing`]: on the member catching up, the blocks clients wrote to it since it started
+//!   catching up. The copy of a chunk never overwrites them: they are at least as new as
+//!   anything a source could send.
+//!
+//! And the driver, [`resync_loop`], on the node whose disk is out of date: ask the metadata
+//! service which of its memberships are stale; for each, start catching up (epoch + 1: clients
+//! now send it their writes), put a barrier on every active member, take the union of their
+//! dirty records, copy those chunks from an active member, and finish (epoch + 1: it serves
+//! reads again). Copying the same chunk twice is harmless, so any failure just leaves the
+//! member stale or syncing and the next round starts over.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use cairn_client::data::client::DataClient;
+use cairn_client::MetaClient;
+use cairn_proto::data as dpb;
+use cairn_proto::metadata as pb;
+use futures::StreamExt;
+use rocksdb::{Options, WriteOptions, DB};
+
+use crate::engine::{ChunkEngine, ChunkId, BLOCK_SIZE, CHUNK_SIZE};
+use crate::protocol::server::DataServer;
+
+const BLOCKS: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
+/// Chunks copied at once by one resync.
+const COPY_PARALLELISM: usize = 4;
+
+fn dirty_key(group: u64, volume: u64, chunk: u64) -> [u8; 25] {
+    let mut k = [b'd'; 25];
+    k[1..9].copy_from_slice(&group.to_be_bytes());
+    k[9..17].copy_from_slice(&volume.to_be_bytes());
+    k[17..25].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+/// The chunks written while their group was degraded, per group.
+pub struct Dirty {
+    db: DB,
+    mem: Mutex<HashSet<(u64, u64, u64)>>,
+}
+
+impl Dirty {
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        let db = DB::open(&opts, dir).with_context(|| format!("opening {}", dir.display()))?;
+        let mut mem = HashSet::new();
+        for kv in db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, _) = kv?;
+            anyhow::ensure!(k.len() == 25 && k[0] == b'd', "malformed dirty record");
+            let n = |r: std::ops::Range<usize>| u64::from_be_bytes(k[r].try_into().expect("8"));
+            mem.insert((n(1..9), n(9..17), n(17..25)));
+        }
+        Ok(Self {
+            db,
+            mem: Mutex::new(mem),
+        })
+    }
+
+    /// Records that `chunk` of `group` is being written while the group is degraded. Returns
+    /// once the record is on media (the first time; after that, at once).
+    pub fn mark(&self, group: u64, chunk: ChunkId) -> anyhow::Result<()> {
+        let key = (group, chunk.volume, chunk.index);
+        let mut m = self.mem.lock().expect("dirty lock");
+        if m.contains(&key) {
+            return Ok(());
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        // Synced before the write runs: a crash after the write cannot forget the chunk.
+        self.db
+            .put_opt(dirty_key(group, chunk.volume, chunk.index), [], &wo)?;
+        m.insert(key);
+        Ok(())
+    }
+
+    /// The group's dirty chunks, as (volume, chunk index).
+    pub fn list(&self, group: u64) -> Vec<(u64, u64)> {
+        let m = self.mem.lock().expect("dirty lock");
+        let mut v: Vec<(u64, u64)> = m
+            .iter()
+            .filter(|(g, _, _)| *g == group)
+            .map(|(_, v, c)| (*v, *c))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Forgets the group's record (it is whole again).
+    pub fn clear(&self, group: u64) -> anyhow::Result<()> {
+        let mut m = self.mem.lock().expect("dirty lock");
+        let mut batch = rocksdb::WriteBatch::default();
+        for (g, v, c) in m.iter() {
+            if *g == group {
+                batch.delete(dirty_key(*g, *v, *c));
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        m.retain(|(g, _, _)| *g != group);
+        Ok(())
+    }
+}
+
+/// A lock per group: mutating requests share it, a barrier takes it alone.
+#[derive(Default)]
+pub struct Gates {
+    m: Mutex<HashMap<u64, Arc<tokio::sync::RwLock<()>>>>,
+}
+
+impl Gates {
+    pub fn get(&self, group: u64) -> Arc<tokio::sync::RwLock<()>> {
+        self.m
+            .lock()
+            .expect("gates lock")
+            .entry(group)
+            .or_default()
+            .clone()
+    }
+}
+
+/// Blocks of one chunk written by clients since the resync began.
+pub type Marks = Arc<tokio::sync::Mutex<[u64; BLOCKS / 64]>>;
+
+/// One group's marks, by (volume, chunk index).
+type GroupMarks = Arc<Mutex<HashMap<(u64, u64), Marks>>>;
+
+/// The groups this node is catching up in, and the client writes they received meanwhile.
+#[derive(Default)]
+pub struct Syncing {
+    groups: Mutex<HashMap<u64, GroupMarks>>,
+}
+
+impl Syncing {
+    fn begin(&self, group: u64) {
+        self.groups
+            .lock()
+            .expect("syncing lock")
+            .insert(group, Arc::default());
+    }
+
+    fn end(&self, group: u64) {
+        self.groups.lock().expect("syncing lock").remove(&group);
+    }
+
+    /// The marks of a chunk, if this node is catching up in `group`.
+    pub fn marks(&self, group: u64, chunk: ChunkId) -> Option<Marks> {
+        let g = self
+            .groups
+            .lock()
+            .expect("syncing lock")
+            .get(&group)
+            .cloned()?;
+        let mut g = g.lock().expect("syncing lock");
+        Some(g.entry((chunk.volume, chunk.index)).or_default().clone())
+    }
+}
+
+/// Marks the blocks of `offset..offset + len` as written by a client.
+pub fn mark_blocks(bits: &mut [u64; BLOCKS / 64], offset: u64, len: u64) {
+    let first = (offset / BLOCK_SIZE) as usize;
+    let last = ((offset + len).div_ceil(BLOCK_SIZE) as usize).min(BLOCKS);
+    for b in first..last {
+        bits[b / 64] |= 1 << (b % 64);
+    }
+}
+
+fn is_set(bits: &[u64], b: usize) -> bool {
+    bits.get(b / 64).is_some_and(|w| w & (1 << (b % 64)) != 0)
+}
+
+/// What one resync did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ResyncStats {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// Asks the metadata service every `every` which of this node's group memberships are out of
+/// date, and brings each up to date. `node_id` is filled in once the node has registered.
+pub async fn resync_loop<E: ChunkEngine>(
+    meta: MetaClient,
+    server: Arc<DataServer<E>>,
+    node_id: tokio::sync::watch::Receiver<Option<u64>>,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(id) = *node_id.borrow() else {
+            continue;
+        };
+        if !server.ready.load(Ordering::Acquire) {
+            continue;
+        }
+        let groups = match meta
+            .call(|mut c| async move {
+                c.stale_members(pb::StaleMembersRequest { node_id: id })
+                    .await
+            })
+            .await
+        {
+            Ok(r) => r.groups,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask for stale memberships");
+                continue;
+            }
+        };
+        for g in groups {
+            let mine: Vec<String> = g
+                .members
+                .iter()
+                .filter(|m| m.state != pb::MemberState::Active as i32)
+                .filter(|m| server.disk(&m.disk_uuid).is_some())
+                .map(|m| m.disk_uuid.clone())
+                .collect();
+            for disk in mine {
+                let started = Instant::now();
+                match resync_group(&meta, &server, g.clone(), &disk).await {
+                    Ok(s) => tracing::info!(
+                        group = g.id,
+                        disk = %disk,
+                        chunks = s.chunks,
+                        bytes = s.bytes,
+                        ms = started.elapsed().as_millis() as u64,
+                        "resync finished: member active again"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(group = g.id, disk = %disk, error = %format!("{e:#}"), "resync failed; will retry")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn group_request(op: dpb::Op, g: &pb::PlacementGroup, m: &pb::GroupMember) -> dpb::Request {
+    dpb::Request {
+        op: op as i32,
+        group: g.id,
+        epoch: g.epoch,
+        disk: m.disk_uuid.clone(),
+        ..Default::default()
+    }
+}
+
+/// One request to another member; a non-OK answer is an error.
+async fn ask(
+    conns: &Mutex<HashMap<String, Arc<DataClient>>>,
+    m: &pb::GroupMember,
+    req: dpb::Request,
+) -> anyhow::Result<(dpb::Response, Bytes)> {
+    let cached = conns.lock().expect("conns lock").get(&m.data_addr).cloned();
+    let c = match cached {
+        Some(c) => c,
+        None => {
+            let c = Arc::new(
+                DataClient::connect(&m.data_addr)
+                    .await
+                    .with_context(|| format!("connecting to {}", m.data_addr))?,
+            );
+            conns
+                .lock()
+                .expect("conns lock")
+                .insert(m.data_addr.clone(), c.clone());
+            c
+        }
+    };
+    let (r, data) = c
+        .call(req, Bytes::new())
+        .await
+        .with_context(|| format!("node {}", m.node_id))?;
+    anyhow::ensure!(
+        r.status == dpb::Status::Ok as i32,
+        "node {}: {:?}: {}",
+        m.node_id,
+        dpb::Status::try_from(r.status).unwrap_or(dpb::Status::IoError),
+        r.message
+    );
+    Ok((r, data))
+}
+
+async fn resync_group<E: ChunkEngine>(
+    meta: &MetaClient,
+    server: &Arc<DataServer<E>>,
+    g: pb::PlacementGroup,
+    disk: &str,
+) -> anyhow::Result<ResyncStats> {
+    let engine = server
+        .disk(disk)
+        .cloned()
+        .context("disk not on this node")?;
+    // Marking starts before the metadata service lets clients write here.
+    server.syncing.begin(g.id);
+    let r = resync_marked(meta, server, &engine, g.clone(), disk).await;
+    server.syncing.end(g.id);
+    r
+}
+
+async fn resync_marked<E: ChunkEngine>(
+    meta: &MetaClient,
+    server: &Arc<DataServer<E>>,
+    engine: &Arc<E>,
+    g: pb::PlacementGroup,
+    disk: &str,
+) -> anyhow::Result<ResyncStats> {
+    let change = |begin: bool, g: &pb::PlacementGroup| {
+        let req = pb::ResyncRequest {
+            group: g.id,
+            epoch: g.epoch,
+            disk_uuid: disk.to_owned(),
+        };
+        async move {
+            meta.call(|mut c| {
+                let req = req.clone();
+                async move {
+                    if begin {
+                        c.begin_resync(req).await
+                    } else {
+                        c.finish_resync(req).await
+                    }
+                }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .group
+            .context("no group in the reply")
+        }
+    };
+    let g = change(true, &g).await.context("starting the resync")?;
+    // Clients' writes of this epoch come here too; our own fence learns it now.
+    let _ = server.fence.admit(0, 0, g.id, g.epoch);
+    let sources: Vec<pb::GroupMember> = g
+        .members
+        .iter()
+        .filter(|m| m.state == pb::MemberState::Active as i32)
+        .cloned()
+        .collect();
+    anyhow::ensure!(!sources.is_empty(), "group {} has no active member", g.id);
+    let conns = Mutex::new(HashMap::new());
+    // After the barriers no write of the old membership can land on a source; every later
+    // write comes here as well.
+    for s in &sources {
+        ask(&conns, s, group_request(dpb::Op::Barrier, &g, s))
+            .await
+            .context("barrier")?;
+    }
+    let mut dirty = BTreeSet::new();
+    for s in &sources {
+        let (_, list) = ask(&conns, s, group_request(dpb::Op::DirtyList, &g, s))
+            .await
+            .context("dirty list")?;
+        for e in list.chunks_exact(16) {
+            let n = |r: std::ops::Range<usize>| u64::from_le_bytes(e[r].try_into().expect("8"));
+            dirty.insert((n(0..8), n(8..16)));
+        }
+    }
+    let mut stats = ResyncStats::default();
+    let copies = futures::stream::iter(dirty.into_iter().map(|(volume, index)| {
+        let chunk = ChunkId { volume, index };
+        copy_chunk(server, engine, &conns, &g, &sources, chunk)
+    }))
+    .buffer_unordered(COPY_PARALLELISM)
+    .collect::<Vec<_>>()
+    .await;
+    for c in copies {
+        let bytes = c?;
+        stats.chunks += 1;
+        stats.bytes += bytes;
+    }
+    let done = change(false, &g).await.context("finishing the resync")?;
+    if done
+        .members
+        .iter()
+        .all(|m| m.state == pb::MemberState::Active as i32)
+    {
+        // Whole again: the record of what it missed can go, everywhere.
+        for m in &done.members {
+            let r = if server.disk(&m.disk_uuid).is_some() {
+                server.dirty.clear(done.id)
+            } else {
+                ask(&conns, m, group_request(dpb::Op::ClearDirty, &done, m))
+                    .await
+                    .map(|_| ())
+            };
+            if let Err(e) = r {
+                tracing::warn!(group = done.id, node = m.node_id, error = %format!("{e:#}"), "cannot clear the dirty record");
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// Copies one chunk from the first source that can send it; blocks a client wrote here since
+/// the resync began are left alone. Returns the bytes written.
+async fn copy_chunk<E: ChunkEngine>(
+    server: &Arc<DataServer<E>>,
+    engine: &Arc<E>,
+    conns: &Mutex<HashMap<String, Arc<DataClient>>>,
+    g: &pb::PlacementGroup,
+    sources: &[pb::GroupMember],
+    chunk: ChunkId,
+) -> anyhow::Result<u64> {
+    let mut last = None;
+    for s in sources {
+        let req = dpb::Request {
+            volume: chunk.volume,
+            chunk: chunk.index,
+            ..group_request(dpb::Op::ChunkCopy, g, s)
+        };
+        match ask(conns, s, req).await {
+            Ok((r, data)) => {
+                anyhow::ensure!(
+                    data.is_empty() || crc32c::crc32c(&data) == r.payload_crc,
+                    "chunk copy from node {} damaged in transit",
+                    s.node_id
+                );
+                return apply(server, engine, g.id, chunk, &r.mapped, data).await;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no source")))
+}
+
+/// Writes a source's copy of a chunk here: its mapped blocks written, its unmapped ones
+/// discarded — except blocks a client has written here since the resync began.
+async fn apply<E: ChunkEngine>(
+    server: &Arc<DataServer<E>>,
+    engine: &Arc<E>,
+    group: u64,
+    chunk: ChunkId,
+    mapped: &[u64],
+    data: Bytes,
+) -> anyhow::Result<u64> {
+    let marks = server
+        .syncing
+        .marks(group, chunk)
+        .context("not syncing this group")?;
+    // Held across the writes: a client write of this chunk marks its blocks first, so it
+    // either marked them before (and the copy leaves them) or lands after the copy.
+    let bits = marks.lock().await;
+    let mut written = 0;
+    let mut b = 0;
+    while b < BLOCKS {
+        if is_set(&bits[..], b) {
+            b += 1;
+            continue;
+        }
+        let present = is_set(mapped, b) && !data.is_empty();
+        let mut end = b + 1;
+        while end < BLOCKS
+            && !is_set(&bits[..], end)
+            && (is_set(mapped, end) && !data.is_empty()) == present
+        {
+            end += 1;
+        }
+        let (off, len) = (b as u64 * BLOCK_SIZE, (end - b) as u64 * BLOCK_SIZE);
+        if present {
+            engine
+                .write(chunk, off, data.slice(off as usize..(off + len) as usize))
+                .await?;
+            written += len;
+        } else {
+            engine.discard(chunk, off, len).await?;
+        }
+        b = end;
+    }
+    drop(bits);
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_records_survive_a_reopen_and_clear_per_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = |volume, index| ChunkId { volume, index };
+        {
+            let d = Dirty::open(dir.path()).unwrap();
+            d.mark(7, c(1, 3)).unwrap();
+            d.mark(7, c(1, 3)).unwrap();
+            d.mark(7, c(2, 0)).unwrap();
+            d.mark(8, c(1, 4)).unwrap();
+        }
+        let d = Dirty::open(dir.path()).unwrap();
+        assert_eq!(d.list(7), vec![(1, 3), (2, 0)]);
+        d.clear(7).unwrap();
+        assert_eq!(d.list(7), vec![]);
+        let d = {
+            drop(d);
+            Dirty::open(dir.path()).unwrap()
+        };
+        assert_eq!(d.list(7), vec![]);
+        assert_eq!(d.list(8), vec![(1, 4)]);
+    }
+
+    #[test]
+    fn block_marks() {
+        let mut bits = [0u64; BLOCKS / 64];
+        mark_blocks(&mut bits, 4096, 8192);
+        assert!(!is_set(&bits, 0) && is_set(&bits, 1) && is_set(&bits, 2) && !is_set(&bits, 3));
+        mark_blocks(&mut bits, CHUNK_SIZE - 4096, 4096);
+        assert!(is_set(&bits, BLOCKS - 1));
+    }
+}
