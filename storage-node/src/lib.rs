@@ -20,6 +20,8 @@
 //! - [`protocol`]: the data protocol server and its request validation (the frame codec and
 //!   the client are in `cairn_client::data`).
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
+//! - [`activity`]: the chunks with writes that may not have reached every member, which the
+//!   next attach reconciles after a client crash.
 //! - [`resync`]: bringing a group member that missed writes up to date — the per-group
 //!   record of chunks written while degraded, the epoch barrier, and the copy of exactly
 //!   those chunks.
@@ -30,6 +32,7 @@
 //! decoders are in
 //! `fuzz/`; the engine-vs-fio benchmark is `benches/engine/run`.
 
+pub mod activity;
 pub mod engine;
 pub mod fence;
 pub mod format;

@@ -12,6 +12,7 @@ use anyhow::Context;
 use cairn_client::MetaClient;
 use cairn_proto::metadata as pb;
 
+use crate::activity::Activity;
 use crate::engine::disk::DiskEngine;
 use crate::engine::{ChunkEngine, CHUNK_SIZE};
 use crate::fence::Fence;
@@ -118,6 +119,7 @@ impl Node {
             node_uuid: node_uuid.clone(),
             stats: Arc::new(ServerStats::default()),
             dirty: Arc::new(Dirty::open(&cfg.data_dir.join("dirty"))?),
+            activity: Arc::new(Activity::open(&cfg.data_dir.join("activity"))?),
             gates: Gates::default(),
             syncing: Syncing::default(),
             // Standalone, there is no one to learn from.

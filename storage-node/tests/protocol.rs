@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use cairn_client::data::client::{ClientError, DataClient};
 use cairn_proto::data as pb;
+use cairn_storage_node::activity::Activity;
 use cairn_storage_node::engine::disk::DiskEngine;
 use cairn_storage_node::engine::{ChunkEngine, ChunkId, CHUNK_SIZE};
 use cairn_storage_node::fence::Fence;
@@ -35,6 +36,7 @@ async fn node() -> Node {
         fence: Arc::new(Fence::open(&dir.path().join("fence")).unwrap()),
         stats: Arc::new(ServerStats::default()),
         dirty: Arc::new(Dirty::open(&dir.path().join("dirty")).unwrap()),
+        activity: Arc::new(Activity::open(&dir.path().join("activity")).unwrap()),
         gates: Gates::default(),
         syncing: Syncing::default(),
         ready: AtomicBool::new(true),

@@ -122,10 +122,13 @@ impl VolumeClient {
         let Some(mut g) = self.group(p.chunk, allocate).await? else {
             return Ok(()); // discarding or zeroing a segment never written: nothing there
         };
+        // In the activity record from before the first member sees it until it is settled.
+        let ticket = self.begin_write(p.chunk);
         for _ in 0..MEMBERSHIP_RETRIES {
             let writers = g.writers();
             let calls = writers.iter().map(|m| {
-                let req = self.request(op, &g, p.chunk, p.offset, p.len);
+                let mut req = self.request(op, &g, p.chunk, p.offset, p.len);
+                req.seq = ticket.seq;
                 self.call(m, req, payload.clone())
             });
             let mut stale = false;
@@ -141,6 +144,7 @@ impl VolumeClient {
                 }
             }
             if failed.is_empty() && !stale {
+                ticket.succeeded();
                 return Ok(());
             }
             let mut again = stale;
@@ -156,6 +160,7 @@ impl VolumeClient {
                 again |= was_active;
             }
             if !again {
+                ticket.succeeded();
                 return Ok(());
             }
             if stale {

@@ -34,6 +34,7 @@ use crate::data::client::{ClientError, DataClient};
 use crate::meta::{MetaClient, MetaClientError};
 
 mod groups;
+mod reconcile;
 
 /// The storage nodes' chunk size: requests are split at its boundaries.
 pub const CHUNK_SIZE: u64 = 4 << 20;
@@ -108,7 +109,12 @@ pub struct VolumeClient {
     /// Requests in flight per member address (for "least loaded").
     load: Mutex<HashMap<String, Arc<AtomicU64>>>,
     fenced: AtomicBool,
-    renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The lease renewer and the settler, stopped on detach.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Sequence numbers of writes (the nodes' activity record).
+    seq: AtomicU64,
+    /// Chunks with writes this client has sent and not yet settled on the nodes.
+    active: Mutex<HashMap<u64, reconcile::ChunkActivity>>,
 }
 
 impl VolumeClient {
@@ -163,12 +169,15 @@ impl VolumeClient {
             conns: Mutex::default(),
             load: Mutex::default(),
             fenced: AtomicBool::new(false),
-            renewer: Mutex::new(None),
+            tasks: Mutex::default(),
+            seq: AtomicU64::new(1),
+            active: Mutex::default(),
         });
         vc.fence_previous_holders().await?;
         let weak = Arc::downgrade(&vc);
-        let renewer = tokio::spawn(renew(weak, Duration::from_millis(ttl / 3)));
-        *vc.renewer.lock().expect("renewer lock") = Some(renewer);
+        let renewer = tokio::spawn(renew(weak.clone(), Duration::from_millis(ttl / 3)));
+        let settler = tokio::spawn(reconcile::settle_loop(weak, reconcile::SETTLE_EVERY));
+        *vc.tasks.lock().expect("tasks lock") = vec![renewer, settler];
         tracing::info!(volume = name, generation = l.generation, "attached");
         Ok(vc)
     }
@@ -187,9 +196,12 @@ impl VolumeClient {
 
     /// Releases the lease (after which another client may attach without `force`).
     pub async fn detach(&self) -> Result<()> {
-        if let Some(r) = self.renewer.lock().expect("renewer lock").take() {
-            r.abort();
+        for t in self.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
         }
+        // Every write has completed: the nodes can forget them (else the next attach would
+        // reconcile those chunks, harmlessly).
+        self.settle_now().await;
         self.fenced.store(true, Ordering::Release);
         self.meta
             .call(|mut c| {
@@ -210,10 +222,11 @@ impl VolumeClient {
     }
 
     /// Sends the new generation to every member that takes writes in every allocated group
-    /// (a flush, which changes nothing), so each raises its fencing mark before this client's
-    /// first I/O. A member that cannot be reached is reported failed and leaves its group's
-    /// active set: it learns the new generation from the metadata service before it serves
-    /// again, and resyncs before it rejoins.
+    /// (a barrier, which changes no data), so each raises its fencing mark before this
+    /// client's first I/O, then reconciles the chunks the previous holder may have left
+    /// different on its members. A member that cannot be reached is reported failed and
+    /// leaves its group's active set: it learns the new generation from the metadata service
+    /// before it serves again, and resyncs before it rejoins.
     async fn fence_previous_holders(&self) -> Result<()> {
         let groups: Vec<Arc<Group>> = {
             let segs = self.segments.lock().expect("segments lock");
@@ -227,7 +240,9 @@ impl VolumeClient {
             let writers = g.writers();
             let calls = writers
                 .iter()
-                .map(|m| self.call(m, self.request(dpb::Op::Flush, &g, 0, 0, 0), Bytes::new()));
+                // A barrier: the new generation is raised, and every write of the previous
+                // holder still running on the member has finished when it answers.
+                .map(|m| self.call(m, self.request(dpb::Op::Barrier, &g, 0, 0, 0), Bytes::new()));
             let results = join_all(calls).await;
             let mut g = g.clone();
             for (m, r) in writers.iter().zip(results) {
@@ -235,14 +250,15 @@ impl VolumeClient {
                     Ok(()) | Err(VolumeError::StaleEpoch) => {}
                     Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                     Err(e) => {
-                        let why = format!("fencing flush to {}: {e}", m.data_addr);
+                        let why = format!("fencing barrier to {}: {e}", m.data_addr);
                         g = self.report_failure(&g, m, &why).await.map_err(|re| {
                             VolumeError::io(format!("{why}; the member cannot be taken out: {re}"))
                         })?;
                     }
                 }
             }
-            Ok(())
+            // What the previous holder may have left half-written, made equal everywhere.
+            self.reconcile(&g).await
         };
         for r in join_all(groups.into_iter().map(fence_group)).await {
             r?;
@@ -710,8 +726,8 @@ impl VolumeClient {
 
 impl Drop for VolumeClient {
     fn drop(&mut self) {
-        if let Some(r) = self.renewer.lock().expect("renewer lock").take() {
-            r.abort();
+        for t in self.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
         }
     }
 }

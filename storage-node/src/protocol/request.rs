@@ -32,6 +32,9 @@ pub enum Command {
     Barrier,
     DirtyList,
     ClearDirty,
+    ActivityList,
+    /// (chunk index, seq) pairs.
+    Settle(Vec<(u64, u64)>),
 }
 
 impl Command {
@@ -44,6 +47,9 @@ impl Command {
     }
 }
 
+/// Most chunks one settle may name.
+pub const MAX_SETTLE: usize = 4096;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub id: u64,
@@ -55,6 +61,8 @@ pub struct Request {
     pub epoch: u64,
     /// The sender's group has members out of date: record the chunk as one they missed.
     pub degraded: bool,
+    /// Writes: the client's sequence number (activity record).
+    pub seq: u64,
     pub cmd: Command,
 }
 
@@ -161,6 +169,31 @@ impl Request {
                 no_payload()?;
                 Command::ChunkCopy
             }
+            pb::Op::ActivityList => {
+                no_payload()?;
+                Command::ActivityList
+            }
+            pb::Op::Settle => {
+                if payload.is_empty()
+                    || !payload.len().is_multiple_of(16)
+                    || payload.len() > MAX_SETTLE * 16
+                {
+                    return Err(invalid(
+                        id,
+                        format!(
+                            "a settle carries 1 to {MAX_SETTLE} (chunk, seq) pairs, got {} bytes",
+                            payload.len()
+                        ),
+                    ));
+                }
+                let n = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                Command::Settle(
+                    payload
+                        .chunks_exact(16)
+                        .map(|p| (n(&p[..8]), n(&p[8..])))
+                        .collect(),
+                )
+            }
             pb::Op::Barrier | pb::Op::DirtyList | pb::Op::ClearDirty => {
                 no_payload()?;
                 if h.epoch == 0 {
@@ -194,6 +227,7 @@ impl Request {
             group: h.group,
             epoch: h.epoch,
             degraded: h.degraded,
+            seq: h.seq,
             cmd,
         })
     }
@@ -219,6 +253,7 @@ mod tests {
             payload_crc: crc,
             disk: String::new(),
             degraded: false,
+            seq: 0,
         }
         .encode_to_vec()
     }

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::request::{Command, Request};
+use crate::activity::Activity;
 use crate::engine::{ChunkEngine, EngineError, CHUNK_SIZE};
 use crate::fence::{Fence, Fenced};
 use crate::resync::{mark_blocks, Dirty, Gates, Syncing};
@@ -47,6 +48,8 @@ pub struct DataServer<E> {
     pub stats: Arc<ServerStats>,
     /// Chunks written while their group was degraded.
     pub dirty: Arc<Dirty>,
+    /// Chunks with writes that may not have reached every member.
+    pub activity: Arc<Activity>,
     pub gates: Gates,
     pub syncing: Syncing,
     /// False until the node has learned the current generations and epochs from the
@@ -234,6 +237,13 @@ impl<E: ChunkEngine> DataServer<E> {
             }
         }
         if req.cmd.mutates() {
+            if let Err(e) = self
+                .activity
+                .mark(req.chunk.volume, req.chunk.index, req.seq)
+            {
+                tracing::error!(error = %e, "cannot record a write's activity; refusing it");
+                return fail(pb::Status::Unavailable, format!("activity record: {e}"));
+            }
             if req.degraded {
                 if let Err(e) = self.dirty.mark(req.group, req.chunk) {
                     tracing::error!(error = %e, "cannot record a degraded write; refusing it");
@@ -278,6 +288,22 @@ impl<E: ChunkEngine> DataServer<E> {
                 r.payload_crc = crc32c::crc32c(&out);
                 return (r, out);
             }
+            Command::ActivityList => {
+                let mut out = Vec::new();
+                for c in self.activity.list(req.chunk.volume) {
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+                let out = Bytes::from(out);
+                let mut r = response(id, pb::Status::Ok, String::new());
+                r.payload_crc = crc32c::crc32c(&out);
+                return (r, out);
+            }
+            Command::Settle(chunks) => {
+                return match self.activity.settle(req.chunk.volume, &chunks) {
+                    Ok(()) => (response(id, pb::Status::Ok, String::new()), Bytes::new()),
+                    Err(e) => fail(pb::Status::IoError, format!("{e}")),
+                };
+            }
             Command::ClearDirty => {
                 return match self.dirty.clear(req.group) {
                     Ok(()) => (response(id, pb::Status::Ok, String::new()), Bytes::new()),
@@ -314,9 +340,11 @@ impl<E: ChunkEngine> DataServer<E> {
                     .map(|d| (Some(info.mapped), d)),
                 Err(err) => Err(err),
             },
-            Command::Barrier | Command::DirtyList | Command::ClearDirty => {
-                unreachable!("answered above")
-            }
+            Command::Barrier
+            | Command::DirtyList
+            | Command::ClearDirty
+            | Command::ActivityList
+            | Command::Settle(_) => unreachable!("answered above"),
         };
         match result {
             Ok((mapped, payload)) => {

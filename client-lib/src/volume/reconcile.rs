@@ -1,0 +1,250 @@
+//! After a client crash, no two replicas may answer differently (DESIGN.md §5.2): a write in
+//! flight when the previous holder died may have reached some members of its group and not
+//! others. Every member keeps an activity record of the chunks with writes that may not have
+//! reached everyone; this client settles chunks once its writes to them completed on every
+//! member, and on attach — after the barrier that fences the previous holder — copies each
+//! chunk still in any member's record from an active member to the others, before any I/O.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_proto::data as dpb;
+use futures::future::join_all;
+
+use super::{Group, Result, VolumeClient, VolumeError, BLOCK_SIZE, CHUNK_SIZE};
+
+/// How often completed writes are settled on the nodes.
+pub const SETTLE_EVERY: Duration = Duration::from_secs(1);
+/// Most chunks named by one settle request (the nodes' limit).
+const MAX_SETTLE: usize = 4096;
+
+/// (chunk, highest write sequence number) pairs to settle.
+type Settled = Vec<(u64, u64)>;
+
+/// This client's writes to one chunk not yet settled.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ChunkActivity {
+    inflight: u32,
+    max_seq: u64,
+    /// A write failed: the chunk may differ between members until the next attach
+    /// reconciles it, so it is never settled.
+    failed: bool,
+}
+
+/// A write to a chunk, from its start to its end.
+pub(crate) struct WriteTicket<'a> {
+    vc: &'a VolumeClient,
+    chunk: u64,
+    pub seq: u64,
+    ok: bool,
+}
+
+impl WriteTicket<'_> {
+    pub fn succeeded(mut self) {
+        self.ok = true;
+    }
+}
+
+impl Drop for WriteTicket<'_> {
+    fn drop(&mut self) {
+        let mut a = self.vc.active.lock().expect("active lock");
+        if let Some(c) = a.get_mut(&self.chunk) {
+            c.inflight -= 1;
+            c.failed |= !self.ok;
+        }
+    }
+}
+
+impl VolumeClient {
+    /// Registers a write to `chunk` about to be sent; its sequence number is in the ticket.
+    pub(super) fn begin_write(&self, chunk: u64) -> WriteTicket<'_> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut a = self.active.lock().expect("active lock");
+        let c = a.entry(chunk).or_default();
+        c.inflight += 1;
+        c.max_seq = c.max_seq.max(seq);
+        WriteTicket {
+            vc: self,
+            chunk,
+            seq,
+            ok: false,
+        }
+    }
+
+    /// Tells the members which chunks have all their writes completed everywhere.
+    pub(super) async fn settle_now(&self) {
+        let idle: Vec<(u64, u64)> = {
+            let mut a = self.active.lock().expect("active lock");
+            let mut out = Vec::new();
+            a.retain(|chunk, c| {
+                if c.inflight == 0 && !c.failed {
+                    out.push((*chunk, c.max_seq));
+                    false
+                } else {
+                    true
+                }
+            });
+            out
+        };
+        let mut by_group: HashMap<u64, (Arc<Group>, Settled)> = HashMap::new();
+        for (chunk, seq) in idle {
+            if let Ok(Some(g)) = self.group(chunk, false).await {
+                by_group
+                    .entry(g.id)
+                    .or_insert_with(|| (g.clone(), Vec::new()))
+                    .1
+                    .push((chunk, seq));
+            }
+        }
+        for (g, chunks) in by_group.into_values() {
+            self.settle_on(&g, &chunks).await;
+        }
+    }
+
+    async fn settle_on(&self, g: &Group, chunks: &[(u64, u64)]) {
+        for part in chunks.chunks(MAX_SETTLE) {
+            let mut payload = Vec::with_capacity(part.len() * 16);
+            for (c, s) in part {
+                payload.extend_from_slice(&c.to_le_bytes());
+                payload.extend_from_slice(&s.to_le_bytes());
+            }
+            let payload = Bytes::from(payload);
+            let calls = g.writers().into_iter().map(|m| {
+                let req = self.request(dpb::Op::Settle, g, 0, 0, 0);
+                let payload = payload.clone();
+                async move {
+                    if let Err(e) = self
+                        .call(&m, req, payload)
+                        .await
+                        .and_then(|(r, _)| self.check(&r))
+                    {
+                        // The chunk stays in that member's record: one extra reconciliation
+                        // at the next attach, nothing worse.
+                        tracing::debug!(node = m.node_id, error = %e, "settle failed");
+                    }
+                }
+            });
+            join_all(calls).await;
+        }
+    }
+
+    /// Makes every chunk in any member's activity record equal on all members of `g` that
+    /// take writes, copying it from an active member. Runs on attach, after the barrier.
+    pub(super) async fn reconcile(&self, g: &Group) -> Result<()> {
+        let writers = g.writers();
+        let mut chunks = BTreeSet::new();
+        for m in &writers {
+            let req = self.request(dpb::Op::ActivityList, g, 0, 0, 0);
+            match self
+                .call(m, req, Bytes::new())
+                .await
+                .and_then(|(r, d)| self.check(&r).map(|()| d))
+            {
+                Ok(list) => chunks.extend(
+                    list.chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                ),
+                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    return Err(VolumeError::io(format!(
+                        "reading the activity record of node {}: {e}",
+                        m.node_id
+                    )))
+                }
+            }
+        }
+        // Only this volume's chunks in this group's segments.
+        let mine: Vec<u64> = chunks
+            .into_iter()
+            .filter(|c| {
+                self.segments
+                    .lock()
+                    .expect("segments lock")
+                    .get(&self.segment_of(*c))
+                    .is_some_and(|x| x.id == g.id)
+            })
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(volume = %self.name, group = g.id, chunks = mine.len(), "reconciling chunks the previous holder may have left half-written");
+        for &chunk in &mine {
+            self.reconcile_chunk(g, chunk).await?;
+        }
+        let all: Vec<(u64, u64)> = mine.iter().map(|c| (*c, u64::MAX)).collect();
+        self.settle_on(g, &all).await;
+        Ok(())
+    }
+
+    /// Copies one chunk from the first active member that sends it to every other writer.
+    async fn reconcile_chunk(&self, g: &Group, chunk: u64) -> Result<()> {
+        let mut image = None;
+        for m in g.readers() {
+            let req = self.request(dpb::Op::ChunkCopy, g, chunk, 0, 0);
+            if let Ok((r, data)) = self.call(&m, req, Bytes::new()).await {
+                if self.check(&r).is_ok()
+                    && (data.is_empty() || crc32c::crc32c(&data) == r.payload_crc)
+                {
+                    image = Some((m, r.mapped, data));
+                    break;
+                }
+            }
+        }
+        let (source, mapped, data) = image.ok_or_else(|| {
+            VolumeError::io(format!(
+                "chunk {chunk}: no active member could send its copy"
+            ))
+        })?;
+        let blocks = (CHUNK_SIZE / BLOCK_SIZE) as usize;
+        let present = |b: usize| {
+            !data.is_empty() && mapped.get(b / 64).is_some_and(|w| w & (1 << (b % 64)) != 0)
+        };
+        for m in g
+            .writers()
+            .iter()
+            .filter(|m| m.disk_uuid != source.disk_uuid)
+        {
+            let mut b = 0;
+            while b < blocks {
+                let p = present(b);
+                let mut end = b + 1;
+                while end < blocks && present(end) == p {
+                    end += 1;
+                }
+                let (off, len) = (b as u64 * BLOCK_SIZE, (end - b) as u64 * BLOCK_SIZE);
+                let (op, payload) = if p {
+                    (
+                        dpb::Op::Write,
+                        data.slice(off as usize..(off + len) as usize),
+                    )
+                } else {
+                    (dpb::Op::Discard, Bytes::new())
+                };
+                let req = self.request(op, g, chunk, off, len);
+                self.call(m, req, payload)
+                    .await
+                    .and_then(|(r, _)| self.check(&r))
+                    .map_err(|e| {
+                        VolumeError::io(format!(
+                            "reconciling chunk {chunk} onto node {}: {e}",
+                            m.node_id
+                        ))
+                    })?;
+                b = end;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settles completed writes every `every` while the client lives.
+pub(super) async fn settle_loop(vc: Weak<VolumeClient>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(vc) = vc.upgrade() else { return };
+        vc.settle_now().await;
+    }
+}
