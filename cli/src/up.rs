@@ -65,15 +65,43 @@ impl ClusterFile {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+/// Whether the process recorded as `p` still runs: its pid exists, is not a zombie (an
+/// unreaped corpse after a kill), and runs the recorded command (after a reboot the pid may
+/// belong to anything).
+fn alive(p: &ProcessEntry) -> bool {
+    let Some(pid) = p.pid.and_then(|pid| i32::try_from(pid).ok()) else {
+        return false;
+    };
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let zombie = std::fs::read_to_string(proc_dir.join("stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    let same = std::fs::read(proc_dir.join("cmdline"))
+        .map(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+            args.len() == p.command.len()
+                && args
+                    .iter()
+                    .zip(&p.command)
+                    .skip(1)
+                    .all(|(a, b)| *a == b.as_bytes())
+        })
+        .unwrap_or(true);
+    !zombie && same
 }
 
 fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> {
     let path = data_dir.join("cluster.json");
     if path.exists() {
         let old = ClusterFile::load(&path)?;
-        if let Some(p) = old.processes.iter().find(|p| p.pid.is_some_and(alive)) {
+        if let Some(p) = old.processes.iter().find(|p| alive(p)) {
             bail!(
                 "a cluster is already running from {} ({} {} has pid {}); stop it first",
                 data_dir.display(),

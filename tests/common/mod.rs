@@ -330,6 +330,7 @@ pub struct UpCluster {
     pub up: Child,
     pub meta: String,
     pub nbd: String,
+    base: u16,
 }
 
 impl UpCluster {
@@ -348,8 +349,20 @@ impl UpCluster {
 
     fn try_start(base: u16) -> Result<Self, String> {
         let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let up = Self::launch(tmp.path(), base)?;
+        Ok(Self {
+            meta: format!("127.0.0.1:{}", base + 1),
+            nbd: format!("127.0.0.1:{}", base + 9),
+            base,
+            tmp,
+            up,
+        })
+    }
+
+    /// Runs `cairn up` in `dir` and waits for "cairn is up".
+    fn launch(dir: &std::path::Path, base: u16) -> Result<Child, String> {
         let nbd = format!("127.0.0.1:{}", base + 9);
-        let log = std::fs::File::create(tmp.path().join("up.stderr")).unwrap();
+        let log = std::fs::File::create(dir.join("up.stderr")).unwrap();
         let mut up = Command::new(CAIRN)
             .args([
                 "up",
@@ -360,7 +373,7 @@ impl UpCluster {
                 "--disk-size",
                 "2G",
             ])
-            .current_dir(tmp.path())
+            .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -371,8 +384,8 @@ impl UpCluster {
         if !line.starts_with("cairn is up") {
             let _ = up.kill();
             let _ = up.wait();
-            let err = std::fs::read_to_string(tmp.path().join("up.stderr")).unwrap_or_default();
-            let logs = std::fs::read_dir(tmp.path().join("cairn-data/logs"))
+            let err = std::fs::read_to_string(dir.join("up.stderr")).unwrap_or_default();
+            let logs = std::fs::read_dir(dir.join("cairn-data/logs"))
                 .map(|d| {
                     d.flatten()
                         .map(|e| {
@@ -388,12 +401,30 @@ impl UpCluster {
         }
         // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        Ok(Self {
-            meta: format!("127.0.0.1:{}", base + 1),
-            nbd,
-            tmp,
-            up,
-        })
+        Ok(up)
+    }
+
+    /// Power loss: SIGKILL to `cairn up` and every process of the cluster at once.
+    pub fn kill_everything(&mut self) {
+        let file = self.cluster_file();
+        let mut pids = vec![i32::try_from(self.up.id()).unwrap()];
+        for p in file["processes"].as_array().unwrap() {
+            if let Some(pid) = p["pid"].as_u64() {
+                pids.push(i32::try_from(pid).unwrap());
+            }
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.up.wait();
+    }
+
+    /// Starts the same cluster again, from its data directory.
+    pub fn restart(&mut self) {
+        self.up = Self::launch(self.tmp.path(), self.base).expect("cairn up came back");
     }
 
     pub fn uri(&self, volume: &str) -> String {

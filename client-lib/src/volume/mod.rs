@@ -237,33 +237,50 @@ impl VolumeClient {
             by_id.into_values().collect()
         };
         let fence_group = |g: Arc<Group>| async move {
-            let writers = g.writers();
-            let calls = writers
-                .iter()
-                // A barrier: the new generation is raised, and every write of the previous
-                // holder still running on the member has finished when it answers.
-                .map(|m| self.call(m, self.request(dpb::Op::Barrier, &g, 0, 0, 0), Bytes::new()));
-            let results = join_all(calls).await;
-            let mut g = g.clone();
-            for (m, r) in writers.iter().zip(results) {
-                match r.and_then(|(r, _)| self.check(&r)) {
-                    Ok(()) | Err(VolumeError::StaleEpoch) => {}
-                    Err(e @ VolumeError::Fenced { .. }) => return Err(e),
-                    Err(e) => {
-                        let why = format!("fencing barrier to {}: {e}", m.data_addr);
-                        g = self.report_failure(&g, m, &why).await.map_err(|re| {
-                            VolumeError::io(format!("{why}; the member cannot be taken out: {re}"))
-                        })?;
-                    }
+            let mut g = g;
+            // A membership change meanwhile (a member resyncing, a failure reported) starts
+            // the group over, as it is now.
+            for _ in 0..8 {
+                match self.fence_group(&g).await {
+                    Err(VolumeError::StaleEpoch) => g = self.refresh_group(g.id).await?,
+                    r => return r,
                 }
             }
-            // What the previous holder may have left half-written, made equal everywhere.
-            self.reconcile(&g).await
+            Err(VolumeError::io(format!(
+                "placement group {}: membership kept changing during attach",
+                g.id
+            )))
         };
         for r in join_all(groups.into_iter().map(fence_group)).await {
             r?;
         }
         Ok(())
+    }
+
+    /// Fences one group's writers with a barrier, then reconciles it.
+    async fn fence_group(&self, g: &Arc<Group>) -> Result<()> {
+        let writers = g.writers();
+        // A barrier: the new generation is raised, and every write of the previous holder
+        // still running on the member has finished when it answers.
+        let calls = writers
+            .iter()
+            .map(|m| self.call(m, self.request(dpb::Op::Barrier, g, 0, 0, 0), Bytes::new()));
+        let results = join_all(calls).await;
+        let mut g = g.clone();
+        for (m, r) in writers.iter().zip(results) {
+            match r.and_then(|(r, _)| self.check(&r)) {
+                Ok(()) => {}
+                Err(e @ (VolumeError::Fenced { .. } | VolumeError::StaleEpoch)) => return Err(e),
+                Err(e) => {
+                    let why = format!("fencing barrier to {}: {e}", m.data_addr);
+                    g = self.report_failure(&g, m, &why).await.map_err(|re| {
+                        VolumeError::io(format!("{why}; the member cannot be taken out: {re}"))
+                    })?;
+                }
+            }
+        }
+        // What the previous holder may have left half-written, made equal everywhere.
+        self.reconcile(&g).await
     }
 
     fn check_open(&self) -> Result<()> {

@@ -147,7 +147,7 @@ impl VolumeClient {
                     list.chunks_exact(8)
                         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
                 ),
-                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                Err(e @ (VolumeError::Fenced { .. } | VolumeError::StaleEpoch)) => return Err(e),
                 Err(e) => {
                     return Err(VolumeError::io(format!(
                         "reading the activity record of node {}: {e}",
@@ -185,11 +185,15 @@ impl VolumeClient {
         for m in g.readers() {
             let req = self.request(dpb::Op::ChunkCopy, g, chunk, 0, 0);
             if let Ok((r, data)) = self.call(&m, req, Bytes::new()).await {
-                if self.check(&r).is_ok()
-                    && (data.is_empty() || crc32c::crc32c(&data) == r.payload_crc)
-                {
-                    image = Some((m, r.mapped, data));
-                    break;
+                match self.check(&r) {
+                    Err(e @ (VolumeError::Fenced { .. } | VolumeError::StaleEpoch)) => {
+                        return Err(e)
+                    }
+                    Ok(()) if data.is_empty() || crc32c::crc32c(&data) == r.payload_crc => {
+                        image = Some((m, r.mapped, data));
+                        break;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -227,11 +231,12 @@ impl VolumeClient {
                 self.call(m, req, payload)
                     .await
                     .and_then(|(r, _)| self.check(&r))
-                    .map_err(|e| {
-                        VolumeError::io(format!(
+                    .map_err(|e| match e {
+                        VolumeError::Fenced { .. } | VolumeError::StaleEpoch => e,
+                        e => VolumeError::io(format!(
                             "reconciling chunk {chunk} onto node {}: {e}",
                             m.node_id
-                        ))
+                        )),
                     })?;
                 b = end;
             }
