@@ -153,6 +153,15 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
         "the dead node left the group's active set: {degraded:?}"
     );
     assert!(acked.lock().unwrap().len() > written_before);
+    let status = || -> serde_json::Value {
+        serde_json::from_slice(&c.cairn(&["status", "--json"]).stdout).unwrap()
+    };
+    let st = status();
+    assert_eq!(
+        (st["degraded_groups"].as_u64(), st["stale_members"].as_u64()),
+        (Some(1), Some(1)),
+        "cairn status shows the lost redundancy: {st}"
+    );
 
     // Start it again: it resyncs and rejoins while the writer goes on.
     let cmd: Vec<String> = node2["command"]
@@ -190,6 +199,7 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(status()["degraded_groups"].as_u64(), Some(0));
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let (writes, longest) = rt.block_on(writer).unwrap().unwrap();

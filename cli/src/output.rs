@@ -240,6 +240,8 @@ impl Printer {
                 })).collect::<Vec<_>>(),
                 "volumes": s.volumes, "volume_bytes": s.volume_bytes,
                 "allocated_bytes": s.allocated_bytes, "groups": s.groups,
+                "degraded_groups": s.degraded_groups, "stale_members": s.stale_members,
+                "syncing_members": s.syncing_members,
             }));
         }
         let leader = s
@@ -260,6 +262,14 @@ impl Printer {
             format_size(s.allocated_bytes),
             s.groups
         );
+        if s.degraded_groups > 0 {
+            println!(
+                "redundancy: {} placement group(s) degraded — {} member(s) missed writes, {} catching up",
+                s.degraded_groups, s.stale_members, s.syncing_members
+            );
+        } else if s.groups > 0 {
+            println!("redundancy: every placement group whole");
+        }
         if s.nodes.is_empty() {
             println!("storage nodes: none registered");
         } else {

@@ -39,6 +39,14 @@ pub struct MetaService {
 
 type Resp<T> = Result<Response<T>, Status>;
 
+/// Members of all groups in state `st`.
+fn member_count(s: &ClusterState, st: crate::membership::MemberState) -> u64 {
+    s.groups
+        .values()
+        .map(|g| g.states.values().filter(|x| **x == st).count() as u64)
+        .sum()
+}
+
 /// What the leader last heard from a storage node.
 #[derive(Clone)]
 struct Liveness {
@@ -562,6 +570,9 @@ impl Metadata for MetaService {
                     volume_bytes: s.volumes.values().map(|v| v.size.bytes()).sum(),
                     allocated_bytes: s.segments.len() as u64 * SEGMENT_SIZE,
                     groups: s.groups.len() as u64,
+                    degraded_groups: s.groups.values().filter(|g| !g.whole()).count() as u64,
+                    stale_members: member_count(s, crate::membership::MemberState::Stale),
+                    syncing_members: member_count(s, crate::membership::MemberState::Syncing),
                 }
             })
             .await?;
