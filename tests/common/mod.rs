@@ -331,15 +331,21 @@ pub struct UpCluster {
     pub meta: String,
     pub nbd: String,
     base: u16,
+    extra: Vec<String>,
 }
 
 impl UpCluster {
     /// Starts the cluster on ports below the ephemeral range (so no outgoing connection holds
     /// one of them), checked free just before; tries another range if it does not come up.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more `cairn up` flags (kept for [`restart`](Self::restart)).
+    pub fn start_with(extra: &[&str]) -> Self {
         let mut why = String::new();
         for attempt in 0..4u64 {
-            match Self::try_start(up_base_port(attempt)) {
+            match Self::try_start(up_base_port(attempt), extra) {
                 Ok(c) => return c,
                 Err(e) => why = e,
             }
@@ -347,20 +353,35 @@ impl UpCluster {
         panic!("cairn up did not come up: {why}");
     }
 
-    fn try_start(base: u16) -> Result<Self, String> {
+    fn try_start(base: u16, extra: &[&str]) -> Result<Self, String> {
         let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-        let up = Self::launch(tmp.path(), base)?;
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let up = Self::launch(tmp.path(), base, &extra)?;
+        let metas = extra
+            .iter()
+            .position(|a| a == "--meta-replicas")
+            .and_then(|i| extra.get(i + 1))
+            .map_or(1, |n| n.parse::<u16>().unwrap());
         Ok(Self {
-            meta: format!("127.0.0.1:{}", base + 1),
+            meta: (1..=metas)
+                .map(|i| format!("127.0.0.1:{}", base + i))
+                .collect::<Vec<_>>()
+                .join(","),
             nbd: format!("127.0.0.1:{}", base + 9),
             base,
+            extra,
             tmp,
             up,
         })
     }
 
+    /// The metadata members' addresses.
+    pub fn meta_addrs(&self) -> Vec<String> {
+        self.meta.split(',').map(str::to_owned).collect()
+    }
+
     /// Runs `cairn up` in `dir` and waits for "cairn is up".
-    fn launch(dir: &std::path::Path, base: u16) -> Result<Child, String> {
+    fn launch(dir: &std::path::Path, base: u16, extra: &[String]) -> Result<Child, String> {
         let nbd = format!("127.0.0.1:{}", base + 9);
         let log = std::fs::File::create(dir.join("up.stderr")).unwrap();
         let mut up = Command::new(CAIRN)
@@ -373,6 +394,7 @@ impl UpCluster {
                 "--disk-size",
                 "2G",
             ])
+            .args(extra)
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -424,7 +446,8 @@ impl UpCluster {
 
     /// Starts the same cluster again, from its data directory.
     pub fn restart(&mut self) {
-        self.up = Self::launch(self.tmp.path(), self.base).expect("cairn up came back");
+        self.up =
+            Self::launch(self.tmp.path(), self.base, &self.extra).expect("cairn up came back");
     }
 
     pub fn uri(&self, volume: &str) -> String {
