@@ -43,6 +43,7 @@ async fn node_learns_generations_from_the_metadata_service() {
         site: "s".into(),
         heartbeat: Duration::from_millis(200),
         resync_every: Duration::from_secs(1),
+        resync_rate: 0,
     })
     .await
     .unwrap();

@@ -154,6 +154,10 @@ pub struct NodeRunArgs {
     pub rack: String,
     #[arg(long, default_value = "")]
     pub site: String,
+    /// Most MB a second this node copies to bring a group member up to date (resync,
+    /// re-replication), so client I/O keeps its share; 0: unlimited.
+    #[arg(long, default_value_t = 200)]
+    pub resync_mb_per_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +183,10 @@ pub struct UpArgs {
     /// `<data-dir>/nbd.sock`).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: std::net::SocketAddr,
+    /// Passed to the metadata members (a new cluster only): how long a silent storage node
+    /// has before its data is re-replicated, in milliseconds.
+    #[arg(long)]
+    pub replace_after_ms: Option<u64>,
 }
 
 fn parse_replicas(s: &str) -> Result<u64, String> {
@@ -290,4 +298,8 @@ pub struct MetaRunArgs {
     /// Attach lease time-to-live in milliseconds.
     #[arg(long)]
     pub lease_ttl_ms: Option<u64>,
+    /// A storage node silent this long (milliseconds) is gone for good: its data is
+    /// re-replicated onto other hosts (default 10 minutes).
+    #[arg(long)]
+    pub replace_after_ms: Option<u64>,
 }

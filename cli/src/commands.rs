@@ -96,6 +96,7 @@ async fn meta_run(a: MetaRunArgs) -> anyhow::Result<()> {
                 compact_threshold: a.compact_threshold.unwrap_or(defaults.compact_threshold),
                 tick_ms: a.tick_ms.unwrap_or(defaults.tick_ms),
                 lease_ttl_ms: a.lease_ttl_ms.unwrap_or(defaults.lease_ttl_ms),
+                replace_after_ms: a.replace_after_ms.unwrap_or(defaults.replace_after_ms),
                 ..defaults
             }
         }
@@ -134,6 +135,7 @@ async fn node_run(a: NodeRunArgs, meta: &[String]) -> anyhow::Result<()> {
         host,
         heartbeat: std::time::Duration::from_secs(2),
         resync_every: std::time::Duration::from_secs(1),
+        resync_rate: a.resync_mb_per_s << 20,
     };
     let node = cairn_storage_node::Node::start(cfg).await?;
     shutdown_signal().await;

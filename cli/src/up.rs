@@ -162,7 +162,14 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
                 data_dir.join(format!("meta-{i}")).display().to_string(),
                 "--peers".into(),
                 peers.clone(),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                a.replace_after_ms
+                    .map(|ms| vec!["--replace-after-ms".into(), ms.to_string()])
+                    .unwrap_or_default(),
+            )
+            .collect(),
             log: data_dir.join("logs").join(format!("meta-{i}.log")),
         })
         .collect();

@@ -47,6 +47,10 @@ pub struct MetaConfigFile {
     /// A storage node without a heartbeat for this long is reported down, in milliseconds.
     #[serde(default = "defaults::node_down_after_ms")]
     pub node_down_after_ms: u64,
+    /// A storage node without a heartbeat for this long is gone for good: its group
+    /// memberships move to other disks, in milliseconds.
+    #[serde(default = "defaults::replace_after_ms")]
+    pub replace_after_ms: u64,
 }
 
 mod defaults {
@@ -68,6 +72,9 @@ mod defaults {
     pub fn node_down_after_ms() -> u64 {
         10_000
     }
+    pub fn replace_after_ms() -> u64 {
+        600_000
+    }
 }
 
 /// The validated configuration the server runs with.
@@ -85,6 +92,7 @@ pub struct MetaConfig {
     pub compact_threshold: u64,
     pub lease_ttl: Duration,
     pub node_down_after: Duration,
+    pub replace_after: Duration,
 }
 
 /// Parses `ID=HOST:PORT`.
@@ -129,6 +137,7 @@ impl MetaConfigFile {
             compact_threshold,
             lease_ttl_ms,
             node_down_after_ms,
+            replace_after_ms,
         } = self;
         if id == 0 {
             return Err("id: member ids start at 1".into());
@@ -185,6 +194,7 @@ impl MetaConfigFile {
             compact_threshold,
             lease_ttl: Duration::from_millis(lease_ttl_ms),
             node_down_after: Duration::from_millis(node_down_after_ms),
+            replace_after: Duration::from_millis(replace_after_ms),
         })
     }
 }
@@ -226,6 +236,7 @@ mod tests {
             compact_threshold: 100,
             lease_ttl_ms: 30_000,
             node_down_after_ms: 10_000,
+            replace_after_ms: 600_000,
         };
         assert!(base(&["1=127.0.0.1:7101"]).parse_and_validate().is_ok());
         for (peers, needle) in [

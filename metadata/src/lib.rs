@@ -12,6 +12,8 @@
 //! - [`placement`]: pure choice of a placement group's disks across failure domains.
 //! - [`membership`]: a group's members leaving (a failed write), catching up and rejoining,
 //!   each step raising the group's epoch.
+//! - [`replace`]: a storage node silent past the grace period is gone for good: the leader
+//!   moves its memberships to disks on other hosts.
 //! - [`node`]: the raft loop thread (proposals, ReadIndex reads, `Ready` handling).
 //! - [`transport`]: member-to-member raft messages over gRPC.
 //! - [`service`]: the `Metadata` gRPC API.
@@ -28,6 +30,7 @@ mod logger;
 pub mod membership;
 pub mod node;
 pub mod placement;
+pub mod replace;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -144,14 +147,20 @@ impl Server {
             status: status.clone(),
             state,
         };
-        let api = service::MetaService::new(handle, cfg.lease_ttl, cfg.node_down_after);
+        let api = Arc::new(service::MetaService::new(
+            handle,
+            cfg.lease_ttl,
+            cfg.node_down_after,
+        ));
+        // Ends with the raft loop (a poisoned or stopped member).
+        tokio::spawn(replace::replace_loop(api.clone(), cfg.replace_after));
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
-            .add_service(MetadataServer::new(api).max_decoding_message_size(MAX_API_MESSAGE))
+            .add_service(MetadataServer::from_arc(api).max_decoding_message_size(MAX_API_MESSAGE))
             .add_service(
                 RaftTransportServer::new(TransportService {
                     raft: raft_tx.clone(),

@@ -8,6 +8,8 @@
 //!   Stale | Syncing --(it starts catching up)--> Syncing   (receives writes, serves no reads)
 //!   Syncing --(it has caught up)--> Active
 //!   Syncing --(a write to it failed)--> Stale
+//!   any (its node silent past the grace period) --> replaced: a disk on another host takes
+//!       its place, Stale and marked for a full copy
 //! ```
 //!
 //! Each command names the epoch its sender saw; a command about an older epoch changes
@@ -43,6 +45,12 @@ impl GroupRecord {
             self.states.insert(disk.to_owned(), s);
         }
         self.epoch += 1;
+    }
+
+    /// Whether the member needs every chunk of the group copied (a replacement), not only
+    /// those written while it was away.
+    pub fn needs_full_copy(&self, disk: &str) -> bool {
+        self.full_copy.contains(disk)
     }
 
     pub fn active(&self) -> usize {
@@ -122,7 +130,10 @@ impl ClusterState {
             (Change::BeginResync, MemberState::Stale | MemberState::Syncing) => {
                 g.set_state(disk, MemberState::Syncing)
             }
-            (Change::FinishResync, MemberState::Syncing) => g.set_state(disk, MemberState::Active),
+            (Change::FinishResync, MemberState::Syncing) => {
+                g.full_copy.remove(disk);
+                g.set_state(disk, MemberState::Active)
+            }
             (_, s) => {
                 return Err(MetaError::WrongMemberState {
                     group,
@@ -131,6 +142,69 @@ impl ClusterState {
                 })
             }
         }
+        self.put_group_record(g, w);
+        Ok(Reply::Group(group))
+    }
+
+    /// Replaces `group`'s member `old` (on a node gone for good) with `new`, which then
+    /// copies every chunk of the group before it serves.
+    pub(crate) fn replace_member(
+        &mut self,
+        group: u64,
+        epoch: u64,
+        old: &str,
+        new: &str,
+        w: &mut Vec<Write>,
+    ) -> Result<Reply, MetaError> {
+        let mut g = self
+            .groups
+            .get(&group)
+            .cloned()
+            .ok_or(MetaError::GroupNotFound { id: group })?;
+        if epoch != g.epoch {
+            return Err(MetaError::EpochMoved {
+                group,
+                got: epoch,
+                current: g.epoch,
+            });
+        }
+        let Some(slot) = g.disks.iter().position(|d| d == old) else {
+            return Err(MetaError::NotAMember {
+                group,
+                disk: old.to_owned(),
+            });
+        };
+        let level = self
+            .pools
+            .get(&g.pool)
+            .map(|p| p.failure_domain)
+            .unwrap_or_default();
+        let domain_of = |d: &str| {
+            self.nodes
+                .values()
+                .find(|n| n.disks.iter().any(|x| x.uuid == d))
+                .map(|n| n.domain(level).to_owned())
+        };
+        let new_domain = domain_of(new).ok_or_else(|| MetaError::NotAMember {
+            group,
+            disk: new.to_owned(),
+        })?;
+        if g.disks
+            .iter()
+            .filter(|d| *d != old)
+            .any(|d| domain_of(d).as_deref() == Some(new_domain.as_str()))
+        {
+            return Err(MetaError::WrongMemberState {
+                group,
+                disk: new.to_owned(),
+                state: format!("in the same {level} as another member"),
+            });
+        }
+        g.states.remove(old);
+        g.full_copy.remove(old);
+        g.disks[slot] = new.to_owned();
+        g.full_copy.insert(new.to_owned());
+        g.set_state(new, MemberState::Stale);
         self.put_group_record(g, w);
         Ok(Reply::Group(group))
     }

@@ -28,13 +28,13 @@ const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(8);
 const MAX_HOLDER_LEN: usize = 256;
 
 pub struct MetaService {
-    raft: RaftHandle,
+    pub(crate) raft: RaftHandle,
     lease_ttl: Duration,
     node_down_after: Duration,
     /// The leader's view of storage-node liveness. Heartbeats are not replicated (they would
     /// put every node's heartbeat through an fsync); a new leader learns liveness within one
     /// heartbeat interval.
-    liveness: Mutex<HashMap<u64, Liveness>>,
+    pub(crate) liveness: Mutex<HashMap<u64, Liveness>>,
 }
 
 type Resp<T> = Result<Response<T>, Status>;
@@ -49,8 +49,8 @@ fn member_count(s: &ClusterState, st: crate::membership::MemberState) -> u64 {
 
 /// What the leader last heard from a storage node.
 #[derive(Clone)]
-struct Liveness {
-    at: Instant,
+pub(crate) struct Liveness {
+    pub(crate) at: Instant,
     /// Per-disk usage and error counters, by disk uuid.
     disks: HashMap<String, pb::Disk>,
 }
@@ -452,18 +452,34 @@ impl Metadata for MetaService {
         req: Request<pb::StaleMembersRequest>,
     ) -> Resp<pb::StaleMembersResponse> {
         let node = req.into_inner().node_id;
-        let groups = self
+        let resp = self
             .read(move |s| {
-                Some(
-                    s.stale_groups_of(node)
-                        .into_iter()
-                        .filter_map(|g| s.group_to_pb(g))
-                        .collect(),
-                )
+                let ids = s.stale_groups_of(node);
+                let segments = ids
+                    .iter()
+                    .filter(|g| s.groups.get(g).is_some_and(|g| !g.full_copy.is_empty()))
+                    .map(|&g| {
+                        let (volumes, indexes) = s
+                            .segments
+                            .iter()
+                            .filter(|(_, grp)| **grp == g)
+                            .map(|((v, i), _)| (*v, *i))
+                            .unzip();
+                        pb::GroupSegments {
+                            group: g,
+                            segment_size: SEGMENT_SIZE,
+                            volumes,
+                            indexes,
+                        }
+                    })
+                    .collect();
+                pb::StaleMembersResponse {
+                    groups: ids.into_iter().filter_map(|g| s.group_to_pb(g)).collect(),
+                    segments,
+                }
             })
-            .await?
-            .unwrap_or_default();
-        Ok(Response::new(pb::StaleMembersResponse { groups }))
+            .await?;
+        Ok(Response::new(resp))
     }
 
     async fn attach(&self, req: Request<pb::AttachRequest>) -> Resp<pb::LeaseResponse> {

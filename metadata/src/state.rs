@@ -46,7 +46,7 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
-    fn domain(&self, level: FailureDomainLevel) -> &str {
+    pub(crate) fn domain(&self, level: FailureDomainLevel) -> &str {
         match level {
             FailureDomainLevel::Host => &self.host,
             FailureDomainLevel::Rack => &self.rack,
@@ -88,6 +88,9 @@ pub struct GroupRecord {
     /// Members that are not active (stale or catching up), by disk uuid.
     #[serde(default)]
     pub states: BTreeMap<String, crate::membership::MemberState>,
+    /// Members that replaced a lost one and need every chunk copied.
+    #[serde(default)]
+    pub full_copy: std::collections::BTreeSet<String>,
 }
 
 /// A command, as proposed to raft and stored in its log. Serialized as JSON: self-describing, so
@@ -137,6 +140,13 @@ pub enum Command {
         volume: VolumeName,
         holder: String,
         generation: u64,
+    },
+    /// A member on a node gone for good replaced by a disk elsewhere.
+    Replace {
+        group: u64,
+        epoch: u64,
+        old: String,
+        new: String,
     },
     /// A membership change of a group after a failure ([`crate::membership`]).
     Member {
@@ -608,6 +618,12 @@ impl ClusterState {
                 disk,
                 change,
             } => self.change_member(group, epoch, &disk, change, w),
+            Command::Replace {
+                group,
+                epoch,
+                old,
+                new,
+            } => self.replace_member(group, epoch, &old, &new, w),
         }
     }
 
@@ -657,6 +673,7 @@ impl ClusterState {
                 disks,
                 segments: 0,
                 states: BTreeMap::new(),
+                full_copy: Default::default(),
             };
             let id = g.id;
             self.put_group(g, w);
@@ -721,6 +738,7 @@ impl ClusterState {
                     data_addr: node.map(|n| n.data_addr.clone()).unwrap_or_default(),
                     host: node.map(|n| n.host.clone()).unwrap_or_default(),
                     state: state as i32,
+                    full_copy: g.needs_full_copy(d),
                 }
             })
             .collect();

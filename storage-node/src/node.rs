@@ -60,6 +60,8 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     /// How often to look for group memberships of this node to bring up to date.
     pub resync_every: Duration,
+    /// Most bytes a second copied to bring memberships up to date (0: unlimited).
+    pub resync_rate: u64,
 }
 
 pub struct Node {
@@ -153,6 +155,7 @@ impl Node {
                 server.clone(),
                 id_rx,
                 cfg.resync_every,
+                cfg.resync_rate,
             )));
         }
         tracing::info!(%addr, uuid = %node_uuid, "storage node serving");

@@ -202,6 +202,7 @@ pub async fn resync_loop<E: ChunkEngine>(
     server: Arc<DataServer<E>>,
     node_id: tokio::sync::watch::Receiver<Option<u64>>,
     every: Duration,
+    rate: u64,
 ) {
     loop {
         tokio::time::sleep(every).await;
@@ -211,14 +212,14 @@ pub async fn resync_loop<E: ChunkEngine>(
         if !server.ready.load(Ordering::Acquire) {
             continue;
         }
-        let groups = match meta
+        let (groups, segments) = match meta
             .call(|mut c| async move {
                 c.stale_members(pb::StaleMembersRequest { node_id: id })
                     .await
             })
             .await
         {
-            Ok(r) => r.groups,
+            Ok(r) => (r.groups, r.segments),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot ask for stale memberships");
                 continue;
@@ -234,7 +235,8 @@ pub async fn resync_loop<E: ChunkEngine>(
                 .collect();
             for disk in mine {
                 let started = Instant::now();
-                match resync_group(&meta, &server, g.clone(), &disk).await {
+                let full = segments.iter().find(|s| s.group == g.id);
+                match resync_group(&meta, &server, g.clone(), &disk, full, rate).await {
                     Ok(s) => tracing::info!(
                         group = g.id,
                         disk = %disk,
@@ -303,6 +305,8 @@ async fn resync_group<E: ChunkEngine>(
     server: &Arc<DataServer<E>>,
     g: pb::PlacementGroup,
     disk: &str,
+    full: Option<&pb::GroupSegments>,
+    rate: u64,
 ) -> anyhow::Result<ResyncStats> {
     let engine = server
         .disk(disk)
@@ -310,7 +314,7 @@ async fn resync_group<E: ChunkEngine>(
         .context("disk not on this node")?;
     // Marking starts before the metadata service lets clients write here.
     server.syncing.begin(g.id);
-    let r = resync_marked(meta, server, &engine, g.clone(), disk).await;
+    let r = resync_marked(meta, server, &engine, g.clone(), disk, full, rate).await;
     server.syncing.end(g.id);
     r
 }
@@ -321,6 +325,8 @@ async fn resync_marked<E: ChunkEngine>(
     engine: &Arc<E>,
     g: pb::PlacementGroup,
     disk: &str,
+    full: Option<&pb::GroupSegments>,
+    rate: u64,
 ) -> anyhow::Result<ResyncStats> {
     let change = |begin: bool, g: &pb::PlacementGroup| {
         let req = pb::ResyncRequest {
@@ -373,18 +379,34 @@ async fn resync_marked<E: ChunkEngine>(
             dirty.insert((n(0..8), n(8..16)));
         }
     }
+    // A replacement member has nothing yet: every chunk of the group's segments.
+    let mine = g.members.iter().find(|m| m.disk_uuid == disk);
+    if let (Some(seg), true) = (full, mine.is_some_and(|m| m.full_copy)) {
+        let per = seg.segment_size / CHUNK_SIZE;
+        for (v, i) in seg.volumes.iter().zip(&seg.indexes) {
+            dirty.extend((i * per..(i + 1) * per).map(|c| (*v, c)));
+        }
+    }
     let mut stats = ResyncStats::default();
-    let copies = futures::stream::iter(dirty.into_iter().map(|(volume, index)| {
+    let started = Instant::now();
+    let mut copies = futures::stream::iter(dirty.into_iter().map(|(volume, index)| {
         let chunk = ChunkId { volume, index };
         copy_chunk(server, engine, &conns, &g, &sources, chunk)
     }))
-    .buffer_unordered(COPY_PARALLELISM)
-    .collect::<Vec<_>>()
-    .await;
-    for c in copies {
+    .buffer_unordered(COPY_PARALLELISM);
+    while let Some(c) = copies.next().await {
         let bytes = c?;
-        stats.chunks += 1;
-        stats.bytes += bytes;
+        if bytes > 0 {
+            stats.chunks += 1;
+            stats.bytes += bytes;
+        }
+        // Throttled against client I/O: at most `rate` bytes a second on average.
+        if rate > 0 {
+            let due = Duration::from_secs_f64(stats.bytes as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
     }
     let done = change(false, &g).await.context("finishing the resync")?;
     if done
@@ -451,6 +473,9 @@ async fn apply<E: ChunkEngine>(
     mapped: &[u64],
     data: Bytes,
 ) -> anyhow::Result<u64> {
+    if data.is_empty() && engine.chunk_info(chunk)?.is_none() {
+        return Ok(0); // nowhere, here or there
+    }
     let marks = server
         .syncing
         .marks(group, chunk)

@@ -307,7 +307,7 @@ pub async fn remove_member(c: &MetaClient, id: u64) {
 
 /// A `--base-port` for `cairn up`: below the ephemeral range (32768+), so no outgoing
 /// connection of a concurrently running test can hold one of its ports, and with every port
-/// `cairn up` uses (base+1..=base+13) checked free just before. `attempt` moves the pick.
+/// `cairn up` uses (base+1..=base+19) checked free just before. `attempt` moves the pick.
 pub fn up_base_port(attempt: u64) -> u16 {
     for retry in 0..64u64 {
         let nanos = std::time::SystemTime::now()
@@ -316,7 +316,7 @@ pub fn up_base_port(attempt: u64) -> u16 {
             .unwrap_or(0);
         let seed = u64::from(std::process::id()) * 7919 + (attempt * 64 + retry) * 104_729 + nanos;
         let base = 20_000 + u16::try_from(seed % 900).unwrap() * 10;
-        if (base + 1..=base + 13).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        if (base + 1..=base + 19).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
     }

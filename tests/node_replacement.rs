@@ -1,0 +1,162 @@
+//! A storage node gone for good: past the grace period (3 s here, 10 minutes by default) the
+//! leader moves its group membership to a disk on the fourth host, which copies every chunk
+//! of the group from the active members (throttled) while a writer goes on, then serves.
+//! Every acknowledged write reads back, and the three current replicas are identical.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_client::{AttachOptions, MetaClient, VolumeClient};
+use cairn_proto::metadata as pb;
+use common::UpCluster;
+
+const MIB: u64 = 1 << 20;
+
+fn block(offset: u64, v: u64) -> Bytes {
+    Bytes::from(
+        (0..4096u64)
+            .map(|i| (offset / 4096 * 31 + v * 7 + i) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn attach(c: &UpCluster, force: bool) -> Arc<VolumeClient> {
+    VolumeClient::attach(
+        MetaClient::new(&c.meta_addrs()).unwrap(),
+        "nr",
+        AttachOptions {
+            holder: "replacement-test".into(),
+            force,
+            host: "node-1".into(),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[test]
+fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
+    let c = UpCluster::start_with(&["--nodes", "4", "--replace-after-ms", "3000"]);
+    c.cairn(&["volume", "create", "nr", "--size", "64M"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_rt = rt.enter();
+    let vc = rt.block_on(attach(&c, false));
+    // 32 MiB of version 0.
+    rt.block_on(async {
+        for off in (0..32 * MIB).step_by(4096) {
+            if off % MIB == 0 {
+                let mut d = Vec::new();
+                for b in (off..off + MIB).step_by(4096) {
+                    d.extend_from_slice(&block(b, 0));
+                }
+                vc.write(off, Bytes::from(d)).await.unwrap();
+            }
+        }
+    });
+    let group = || {
+        let mc = MetaClient::new(&c.meta_addrs()).unwrap();
+        rt.block_on(async move {
+            mc.call(|mut cl| async move {
+                cl.get_layout(pb::GetLayoutRequest {
+                    volume: "nr".into(),
+                })
+                .await
+            })
+            .await
+            .unwrap()
+            .segments[0]
+                .group
+                .clone()
+                .unwrap()
+        })
+    };
+    let before = group();
+    let victim = before
+        .members
+        .iter()
+        .find(|m| m.host != "node-1")
+        .unwrap()
+        .host
+        .clone();
+    let spare: Vec<String> = (1..=4)
+        .map(|i| format!("node-{i}"))
+        .filter(|h| !before.members.iter().any(|m| &m.host == h))
+        .collect();
+    assert_eq!(spare.len(), 1, "one host holds no copy: {before:?}");
+
+    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (vc, acked, stop) = (vc.clone(), acked.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut v = 1;
+            while !stop.load(Ordering::Relaxed) {
+                let off = (v * 7919 % 2048) * 4096; // the first 8 MiB
+                vc.write(off, block(off, v)).await?;
+                acked.lock().unwrap().insert(off, v);
+                v += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok::<_, cairn_client::VolumeError>(v - 1)
+        })
+    };
+    let file = c.cluster_file();
+    let id: u64 = victim.trim_start_matches("node-").parse().unwrap();
+    let pid = file["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "node" && p["id"] == id)
+        .and_then(|p| p["pid"].as_u64())
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let after = loop {
+        let g = group();
+        let replaced = !g.members.iter().any(|m| m.host == victim)
+            && g.members
+                .iter()
+                .all(|m| m.state == pb::MemberState::Active as i32);
+        if replaced {
+            break g;
+        }
+        assert!(
+            Instant::now() < deadline && !writer.is_finished(),
+            "not re-replicated: {g:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(after.members.iter().any(|m| m.host == spare[0]));
+    stop.store(true, Ordering::Relaxed);
+    let writes = rt.block_on(writer).unwrap().unwrap();
+    println!("{writes} writes during the replacement");
+
+    let acked = acked.lock().unwrap().clone();
+    rt.block_on(async {
+        let vc = attach(&c, true).await;
+        for b in (0..32 * MIB).step_by(4096) {
+            let want = block(b, acked.get(&b).copied().unwrap_or(0));
+            assert_eq!(vc.read(b, 4096).await.unwrap(), want, "block at {b}");
+        }
+        let nodes = vc.replica_nodes();
+        assert_eq!(nodes.len(), 3);
+        let mut copies = Vec::new();
+        for n in nodes {
+            copies.push(vc.read_replica(0, 32 * MIB, n).await.unwrap());
+        }
+        assert!(
+            copies[0] == copies[1] && copies[1] == copies[2],
+            "replicas differ"
+        );
+    });
+}
