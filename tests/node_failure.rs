@@ -117,6 +117,7 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
     )
     .unwrap();
     let written_before = acked.lock().unwrap().len();
+    let versions_at_kill = acked.lock().unwrap().clone();
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         !writer.is_finished(),
@@ -235,9 +236,25 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
                 .unwrap()
         })
         .sum();
-    println!("resync copied {copied} chunks");
+    let copied_bytes: u64 = text
+        .lines()
+        .filter(|l| l.contains("resync finished"))
+        .filter_map(|l| l.split(" bytes=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    // Blocks written since the kill (a superset of those written while the node was away).
+    let changed = acked
+        .iter()
+        .filter(|(off, v)| versions_at_kill.get(off) != Some(v))
+        .count() as u64
+        * 4096;
+    println!("resync copied {copied} chunks, {copied_bytes} bytes; {changed} bytes changed since the kill");
     assert!(
         (1..=3).contains(&copied),
         "resync copied {copied} chunks; only 3 were written while the node was away\n{text}"
+    );
+    assert!(
+        copied_bytes <= changed,
+        "resync copied {copied_bytes} bytes, more than the {changed} written since the kill"
     );
 }

@@ -21,7 +21,7 @@
 //! reads again). Copying the same chunk twice is harmless, so any failure just leaves the
 //! member stale or syncing and the next round starts over.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,8 @@ use crate::protocol::server::DataServer;
 const BLOCKS: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
 /// Chunks copied at once by one resync.
 const COPY_PARALLELISM: usize = 4;
+/// One OP_DIRTY_LIST entry: volume, chunk index, then the block map (u64 LE words).
+pub const DIRTY_ENTRY: usize = 16 + BLOCKS / 8;
 
 fn dirty_key(group: u64, volume: u64, chunk: u64) -> [u8; 25] {
     let mut k = [b'd'; 25];
@@ -51,10 +53,15 @@ fn dirty_key(group: u64, volume: u64, chunk: u64) -> [u8; 25] {
     k
 }
 
-/// The chunks written while their group was degraded, per group.
+/// Which blocks of a chunk were written while degraded; all of them when not known (the
+/// record came back from disk after a restart: only chunks are persisted).
+pub type BlockMap = [u64; BLOCKS / 64];
+
+/// The chunks written while their group was degraded, per group, with the blocks written
+/// (in memory only).
 pub struct Dirty {
     db: DB,
-    mem: Mutex<HashSet<(u64, u64, u64)>>,
+    mem: Mutex<HashMap<(u64, u64, u64), BlockMap>>,
 }
 
 impl Dirty {
@@ -62,12 +69,13 @@ impl Dirty {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         let db = DB::open(&opts, dir).with_context(|| format!("opening {}", dir.display()))?;
-        let mut mem = HashSet::new();
+        let mut mem = HashMap::new();
         for kv in db.iterator(rocksdb::IteratorMode::Start) {
             let (k, _) = kv?;
             anyhow::ensure!(k.len() == 25 && k[0] == b'd', "malformed dirty record");
             let n = |r: std::ops::Range<usize>| u64::from_be_bytes(k[r].try_into().expect("8"));
-            mem.insert((n(1..9), n(9..17), n(17..25)));
+            // Which blocks is not persisted: the whole chunk.
+            mem.insert((n(1..9), n(9..17), n(17..25)), [u64::MAX; BLOCKS / 64]);
         }
         Ok(Self {
             db,
@@ -75,12 +83,14 @@ impl Dirty {
         })
     }
 
-    /// Records that `chunk` of `group` is being written while the group is degraded. Returns
-    /// once the record is on media (the first time; after that, at once).
-    pub fn mark(&self, group: u64, chunk: ChunkId) -> anyhow::Result<()> {
+    /// Records that `offset..offset + len` of `chunk` of `group` is being written while the
+    /// group is degraded. Returns once the chunk's record is on media (the first time; after
+    /// that, at once).
+    pub fn mark(&self, group: u64, chunk: ChunkId, offset: u64, len: u64) -> anyhow::Result<()> {
         let key = (group, chunk.volume, chunk.index);
         let mut m = self.mem.lock().expect("dirty lock");
-        if m.contains(&key) {
+        if let Some(bits) = m.get_mut(&key) {
+            mark_blocks(bits, offset, len);
             return Ok(());
         }
         let mut wo = WriteOptions::default();
@@ -88,19 +98,21 @@ impl Dirty {
         // Synced before the write runs: a crash after the write cannot forget the chunk.
         self.db
             .put_opt(dirty_key(group, chunk.volume, chunk.index), [], &wo)?;
-        m.insert(key);
+        let mut bits = [0u64; BLOCKS / 64];
+        mark_blocks(&mut bits, offset, len);
+        m.insert(key, bits);
         Ok(())
     }
 
-    /// The group's dirty chunks, as (volume, chunk index).
-    pub fn list(&self, group: u64) -> Vec<(u64, u64)> {
+    /// The group's dirty chunks, as (volume, chunk index, blocks written).
+    pub fn list(&self, group: u64) -> Vec<(u64, u64, BlockMap)> {
         let m = self.mem.lock().expect("dirty lock");
-        let mut v: Vec<(u64, u64)> = m
+        let mut v: Vec<(u64, u64, BlockMap)> = m
             .iter()
-            .filter(|(g, _, _)| *g == group)
-            .map(|(_, v, c)| (*v, *c))
+            .filter(|((g, _, _), _)| *g == group)
+            .map(|((_, v, c), b)| (*v, *c, *b))
             .collect();
-        v.sort_unstable();
+        v.sort_unstable_by_key(|(v, c, _)| (*v, *c));
         v
     }
 
@@ -108,7 +120,7 @@ impl Dirty {
     pub fn clear(&self, group: u64) -> anyhow::Result<()> {
         let mut m = self.mem.lock().expect("dirty lock");
         let mut batch = rocksdb::WriteBatch::default();
-        for (g, v, c) in m.iter() {
+        for (g, v, c) in m.keys() {
             if *g == group {
                 batch.delete(dirty_key(*g, *v, *c));
             }
@@ -116,7 +128,7 @@ impl Dirty {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
-        m.retain(|(g, _, _)| *g != group);
+        m.retain(|(g, _, _), _| *g != group);
         Ok(())
     }
 }
@@ -369,14 +381,18 @@ async fn resync_marked<E: ChunkEngine>(
             .await
             .context("barrier")?;
     }
-    let mut dirty = BTreeSet::new();
+    // The union of every active member's record: chunks, and the blocks written in them.
+    let mut dirty: BTreeMap<(u64, u64), BlockMap> = BTreeMap::new();
     for s in &sources {
         let (_, list) = ask(&conns, s, group_request(dpb::Op::DirtyList, &g, s))
             .await
             .context("dirty list")?;
-        for e in list.chunks_exact(16) {
+        for e in list.chunks_exact(DIRTY_ENTRY) {
             let n = |r: std::ops::Range<usize>| u64::from_le_bytes(e[r].try_into().expect("8"));
-            dirty.insert((n(0..8), n(8..16)));
+            let bits = dirty.entry((n(0..8), n(8..16))).or_default();
+            for (i, w) in bits.iter_mut().enumerate() {
+                *w |= n(16 + i * 8..24 + i * 8);
+            }
         }
     }
     // A replacement member has nothing yet: every chunk of the group's segments.
@@ -384,14 +400,14 @@ async fn resync_marked<E: ChunkEngine>(
     if let (Some(seg), true) = (full, mine.is_some_and(|m| m.full_copy)) {
         let per = seg.segment_size / CHUNK_SIZE;
         for (v, i) in seg.volumes.iter().zip(&seg.indexes) {
-            dirty.extend((i * per..(i + 1) * per).map(|c| (*v, c)));
+            dirty.extend((i * per..(i + 1) * per).map(|c| ((*v, c), [u64::MAX; BLOCKS / 64])));
         }
     }
     let mut stats = ResyncStats::default();
     let started = Instant::now();
-    let mut copies = futures::stream::iter(dirty.into_iter().map(|(volume, index)| {
+    let mut copies = futures::stream::iter(dirty.into_iter().map(|((volume, index), blocks)| {
         let chunk = ChunkId { volume, index };
-        copy_chunk(server, engine, &conns, &g, &sources, chunk)
+        copy_chunk(server, engine, &conns, &g, &sources, chunk, blocks)
     }))
     .buffer_unordered(COPY_PARALLELISM);
     while let Some(c) = copies.next().await {
@@ -431,8 +447,8 @@ async fn resync_marked<E: ChunkEngine>(
     Ok(stats)
 }
 
-/// Copies one chunk from the first source that can send it; blocks a client wrote here since
-/// the resync began are left alone. Returns the bytes written.
+/// Copies the `wanted` blocks of one chunk from the first source that can send them; blocks a
+/// client wrote here since the resync began are left alone. Returns the bytes written.
 async fn copy_chunk<E: ChunkEngine>(
     server: &Arc<DataServer<E>>,
     engine: &Arc<E>,
@@ -440,42 +456,116 @@ async fn copy_chunk<E: ChunkEngine>(
     g: &pb::PlacementGroup,
     sources: &[pb::GroupMember],
     chunk: ChunkId,
+    wanted: BlockMap,
 ) -> anyhow::Result<u64> {
     let mut last = None;
     for s in sources {
-        let req = dpb::Request {
-            volume: chunk.volume,
-            chunk: chunk.index,
-            ..group_request(dpb::Op::ChunkCopy, g, s)
-        };
-        match ask(conns, s, req).await {
-            Ok((r, data)) => {
-                anyhow::ensure!(
-                    data.is_empty() || crc32c::crc32c(&data) == r.payload_crc,
-                    "chunk copy from node {} damaged in transit",
-                    s.node_id
-                );
-                return apply(server, engine, g.id, chunk, &r.mapped, data).await;
-            }
+        match fetch(conns, g, s, chunk, &wanted).await {
+            Ok(image) => return apply(server, engine, g.id, chunk, &wanted, image).await,
             Err(e) => last = Some(e),
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no source")))
 }
 
-/// Writes a source's copy of a chunk here: its mapped blocks written, its unmapped ones
-/// discarded — except blocks a client has written here since the resync began.
+/// A source's copy of some blocks of a chunk: which are mapped there, and for runs of wanted
+/// mapped blocks, their data (offset in the chunk, bytes).
+struct Image {
+    mapped: Vec<u64>,
+    runs: Vec<(u64, Bytes)>,
+}
+
+async fn fetch(
+    conns: &Mutex<HashMap<String, Arc<DataClient>>>,
+    g: &pb::PlacementGroup,
+    s: &pb::GroupMember,
+    chunk: ChunkId,
+    wanted: &BlockMap,
+) -> anyhow::Result<Image> {
+    let req = |op, offset, length| dpb::Request {
+        volume: chunk.volume,
+        chunk: chunk.index,
+        offset,
+        length,
+        ..group_request(op, g, s)
+    };
+    let check = |r: &dpb::Response, data: &Bytes| {
+        anyhow::ensure!(
+            data.is_empty() || crc32c::crc32c(data) == r.payload_crc,
+            "copy from node {} damaged in transit",
+            s.node_id
+        );
+        Ok(())
+    };
+    if wanted.iter().all(|w| *w == u64::MAX) {
+        // The whole chunk: one request.
+        let (r, data) = ask(conns, s, req(dpb::Op::ChunkCopy, 0, 0)).await?;
+        check(&r, &data)?;
+        let runs = if data.is_empty() {
+            vec![]
+        } else {
+            vec![(0, data)]
+        };
+        return Ok(Image {
+            mapped: r.mapped,
+            runs,
+        });
+    }
+    let (info, _) = ask(conns, s, req(dpb::Op::ChunkInfo, 0, 0)).await?;
+    let mut runs = Vec::new();
+    let mut b = 0;
+    while b < BLOCKS {
+        if !(is_set(wanted, b) && is_set(&info.mapped, b)) {
+            b += 1;
+            continue;
+        }
+        let mut end = b + 1;
+        while end < BLOCKS && is_set(wanted, end) && is_set(&info.mapped, end) {
+            end += 1;
+        }
+        let (off, len) = (b as u64 * BLOCK_SIZE, (end - b) as u64 * BLOCK_SIZE);
+        let (r, data) = ask(conns, s, req(dpb::Op::Read, off, len)).await?;
+        check(&r, &data)?;
+        anyhow::ensure!(
+            data.len() as u64 == len,
+            "short read from node {}",
+            s.node_id
+        );
+        runs.push((off, data));
+        b = end;
+    }
+    Ok(Image {
+        mapped: info.mapped,
+        runs,
+    })
+}
+
+/// Writes a source's copy of the wanted blocks of a chunk here: blocks mapped there written,
+/// the others discarded — except blocks a client has written here since the resync began.
 async fn apply<E: ChunkEngine>(
     server: &Arc<DataServer<E>>,
     engine: &Arc<E>,
     group: u64,
     chunk: ChunkId,
-    mapped: &[u64],
-    data: Bytes,
+    wanted: &BlockMap,
+    image: Image,
 ) -> anyhow::Result<u64> {
-    if data.is_empty() && engine.chunk_info(chunk)?.is_none() {
-        return Ok(0); // nowhere, here or there
+    if image.runs.is_empty() && engine.chunk_info(chunk)?.is_none() {
+        return Ok(0); // nothing there, nothing here
     }
+    // The data of block b, if the source has it mapped.
+    let data_of = |b: usize| -> Option<Bytes> {
+        let at = b as u64 * BLOCK_SIZE;
+        if !is_set(&image.mapped, b) {
+            return None;
+        }
+        image.runs.iter().find_map(|(off, d)| {
+            (at >= *off && at < off + d.len() as u64).then(|| {
+                let i = (at - off) as usize;
+                d.slice(i..i + BLOCK_SIZE as usize)
+            })
+        })
+    };
     let marks = server
         .syncing
         .marks(group, chunk)
@@ -486,23 +576,26 @@ async fn apply<E: ChunkEngine>(
     let mut written = 0;
     let mut b = 0;
     while b < BLOCKS {
-        if is_set(&bits[..], b) {
+        if !is_set(wanted, b) || is_set(&bits[..], b) {
             b += 1;
             continue;
         }
-        let present = is_set(mapped, b) && !data.is_empty();
+        let present = data_of(b).is_some();
         let mut end = b + 1;
         while end < BLOCKS
+            && is_set(wanted, end)
             && !is_set(&bits[..], end)
-            && (is_set(mapped, end) && !data.is_empty()) == present
+            && data_of(end).is_some() == present
         {
             end += 1;
         }
         let (off, len) = (b as u64 * BLOCK_SIZE, (end - b) as u64 * BLOCK_SIZE);
         if present {
-            engine
-                .write(chunk, off, data.slice(off as usize..(off + len) as usize))
-                .await?;
+            let mut run = bytes::BytesMut::with_capacity(len as usize);
+            for x in b..end {
+                run.extend_from_slice(&data_of(x).expect("present"));
+            }
+            engine.write(chunk, off, run.freeze()).await?;
             written += len;
         } else {
             engine.discard(chunk, off, len).await?;
@@ -523,21 +616,28 @@ mod tests {
         let c = |volume, index| ChunkId { volume, index };
         {
             let d = Dirty::open(dir.path()).unwrap();
-            d.mark(7, c(1, 3)).unwrap();
-            d.mark(7, c(1, 3)).unwrap();
-            d.mark(7, c(2, 0)).unwrap();
-            d.mark(8, c(1, 4)).unwrap();
+            d.mark(7, c(1, 3), 0, 4096).unwrap();
+            d.mark(7, c(1, 3), 8192, 4096).unwrap();
+            d.mark(7, c(2, 0), 0, 4096).unwrap();
+            d.mark(8, c(1, 4), 0, 4096).unwrap();
+            // In memory: the blocks written.
+            assert_eq!(d.list(7)[0].2[0], 0b101);
         }
         let d = Dirty::open(dir.path()).unwrap();
-        assert_eq!(d.list(7), vec![(1, 3), (2, 0)]);
+        let keys = |l: Vec<(u64, u64, BlockMap)>| {
+            l.into_iter().map(|(v, c, _)| (v, c)).collect::<Vec<_>>()
+        };
+        // After a reopen: the chunks, every block of them.
+        assert_eq!(keys(d.list(7)), vec![(1, 3), (2, 0)]);
+        assert!(d.list(7)[0].2.iter().all(|w| *w == u64::MAX));
         d.clear(7).unwrap();
-        assert_eq!(d.list(7), vec![]);
+        assert_eq!(keys(d.list(7)), vec![]);
         let d = {
             drop(d);
             Dirty::open(dir.path()).unwrap()
         };
-        assert_eq!(d.list(7), vec![]);
-        assert_eq!(d.list(8), vec![(1, 4)]);
+        assert_eq!(keys(d.list(7)), vec![]);
+        assert_eq!(keys(d.list(8)), vec![(1, 4)]);
     }
 
     #[test]

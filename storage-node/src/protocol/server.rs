@@ -244,20 +244,20 @@ impl<E: ChunkEngine> DataServer<E> {
                 tracing::error!(error = %e, "cannot record a write's activity; refusing it");
                 return fail(pb::Status::Unavailable, format!("activity record: {e}"));
             }
+            let (offset, len) = match &req.cmd {
+                Command::Write { offset, data } => (*offset, data.len() as u64),
+                Command::Discard { offset, len } | Command::WriteZeroes { offset, len } => {
+                    (*offset, *len)
+                }
+                _ => (0, 0),
+            };
             if req.degraded {
-                if let Err(e) = self.dirty.mark(req.group, req.chunk) {
+                if let Err(e) = self.dirty.mark(req.group, req.chunk, offset, len) {
                     tracing::error!(error = %e, "cannot record a degraded write; refusing it");
                     return fail(pb::Status::Unavailable, format!("dirty record: {e}"));
                 }
             }
             if let Some(marks) = self.syncing.marks(req.group, req.chunk) {
-                let (offset, len) = match &req.cmd {
-                    Command::Write { offset, data } => (*offset, data.len() as u64),
-                    Command::Discard { offset, len } | Command::WriteZeroes { offset, len } => {
-                        (*offset, *len)
-                    }
-                    _ => (0, 0),
-                };
                 mark_blocks(&mut *marks.lock().await, offset, len);
             }
         }
@@ -279,9 +279,12 @@ impl<E: ChunkEngine> DataServer<E> {
             }
             Command::DirtyList => {
                 let mut out = Vec::new();
-                for (v, c) in self.dirty.list(req.group) {
+                for (v, c, blocks) in self.dirty.list(req.group) {
                     out.extend_from_slice(&v.to_le_bytes());
                     out.extend_from_slice(&c.to_le_bytes());
+                    for w in blocks {
+                        out.extend_from_slice(&w.to_le_bytes());
+                    }
                 }
                 let out = Bytes::from(out);
                 let mut r = response(id, pb::Status::Ok, String::new());
