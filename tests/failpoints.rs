@@ -64,6 +64,23 @@ async fn crash_at(name: &str, target: Target) {
         create_volume(&client, &n, &n).await.unwrap();
         acked.insert(n);
     }
+    // The victim first applies everything committed so far: else an entry it had not yet
+    // applied could reach the failpoint before the failpoint's own reply is sent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let l = member_status(&cluster.members[&leader].addr).await;
+        let v = member_status(&cluster.members[&victim].addr).await;
+        if let (Some(l), Some(v)) = (l, v) {
+            if v.applied_index >= l.commit_index {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member {victim} does not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     set_failpoint(&cluster.members[&victim].addr, name, "return").await;
     for i in 0..20 {
         let n = format!("during-{i}");

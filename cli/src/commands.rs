@@ -137,6 +137,9 @@ async fn node_run(a: NodeRunArgs, meta: &[String]) -> anyhow::Result<()> {
         resync_every: std::time::Duration::from_secs(1),
         resync_rate: a.resync_mb_per_s << 20,
     };
+    // Failpoints from FAILPOINTS (builds with the `failpoints` feature; tests only).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let node = cairn_storage_node::Node::start(cfg).await?;
     shutdown_signal().await;
     node.shutdown().await;

@@ -1,5 +1,6 @@
-//! Nodes gone for good: once a storage node has been silent past the grace period, the leader
-//! moves each of its group memberships to a healthy disk on a live host in a failure domain
+//! Nodes gone for good, and disks that keep failing: once a storage node has been silent past
+//! the grace period, or reports a disk unhealthy (its writes failed), the leader moves each of
+//! the node's (the disk's) group memberships to a healthy disk on a live host in a failure domain
 //! the group does not use yet (the least loaded such disk). The new member starts stale and
 //! marked for a full copy; its node then copies every chunk of the group from the active
 //! members ([`crate::membership`], the storage node's resync), throttled, while the group
@@ -40,13 +41,20 @@ fn plan(s: &ClusterState, gone: &[u64], alive: &[u64]) -> Vec<Replacement> {
             *load.entry(d.as_str()).or_default() += 1;
         }
     }
+    // A disk its node reports failing (its writes failed: the engine stopped serving) is
+    // isolated at once, like a disk of a node gone for good.
+    let failed: Vec<&str> = s
+        .nodes
+        .values()
+        .flat_map(|n| n.disks.iter().filter(|d| !d.healthy))
+        .map(|d| d.uuid.as_str())
+        .collect();
     let mut out = Vec::new();
     for g in s.groups.values() {
-        let Some(old) = g
-            .disks
-            .iter()
-            .find(|d| disk_node.get(d.as_str()).is_some_and(|n| gone.contains(n)))
-        else {
+        let Some(old) = g.disks.iter().find(|d| {
+            failed.contains(&d.as_str())
+                || disk_node.get(d.as_str()).is_some_and(|n| gone.contains(n))
+        }) else {
             continue;
         };
         let level = s
@@ -119,7 +127,11 @@ pub async fn replace_loop(api: Arc<MetaService>, after: Duration) {
                 alive.push(*id);
             }
         }
-        if gone.is_empty() {
+        let failing = state
+            .nodes
+            .values()
+            .any(|n| n.disks.iter().any(|d| !d.healthy));
+        if gone.is_empty() && !failing {
             continue;
         }
         for r in plan(&state, &gone, &alive) {
