@@ -120,6 +120,7 @@ fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
     )
     .unwrap();
 
+    let killed_at = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(90);
     let after = loop {
         let g = group();
@@ -136,10 +137,33 @@ fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
         );
         std::thread::sleep(Duration::from_millis(300));
     };
+    let took = killed_at.elapsed();
     assert!(after.members.iter().any(|m| m.host == spare[0]));
     stop.store(true, Ordering::Relaxed);
     let writes = rt.block_on(writer).unwrap().unwrap();
-    println!("{writes} writes during the replacement");
+    // What the new member copied, from its log.
+    let log = c.path(&format!("cairn-data/logs/{}.log", spare[0]));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let (copy_bytes, copy_ms) = text
+        .lines()
+        .filter(|l| l.contains("resync finished"))
+        .map(|l| {
+            let field = |name: &str| {
+                l.split(&format!(" {name}="))
+                    .nth(1)
+                    .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (field("bytes"), field("ms"))
+        })
+        .fold((0, 0), |(b, m), (x, y)| (b + x, m + y));
+    println!(
+        "re-replication: {:.1} MiB copied in {copy_ms} ms ({:.0} MiB/s); replaced {:.1} s after the kill (grace 3 s); {writes} client writes meanwhile ({:.0}/s)",
+        copy_bytes as f64 / MIB as f64,
+        copy_bytes as f64 / MIB as f64 / (copy_ms.max(1) as f64 / 1000.0),
+        took.as_secs_f64(),
+        writes as f64 / took.as_secs_f64()
+    );
 
     let acked = acked.lock().unwrap().clone();
     rt.block_on(async {
