@@ -5,8 +5,10 @@
 //! - [`data`]: the data protocol's frame codec and a pipelined client for storage nodes.
 //!
 //! - [`volume`]: [`VolumeClient`], one attached volume: the lease and its generation (fencing
-//!   the previous holder), the layout, writes to every replica, reads from the nearest good one
-//!   with repair of a bad copy. One async API for every frontend.
+//!   the previous holder, then reconciling what it may have left half-written), the layout,
+//!   writes to every member that takes them (a failed member reported and written around),
+//!   reads from the nearest good active one with repair of a bad copy. One async API for every
+//!   frontend.
 //! - [`nbd`]: the NBD server ([`nbd::NbdServer`]) on top of it.
 //! - [`vhost`]: the vhost-user-blk backend ([`vhost::Device`], [`vhost::Blk`]) on top of it,
 //!   with in-flight request tracking across backend restarts.
