@@ -82,6 +82,15 @@ async fn node_learns_generations_from_the_metadata_service() {
         }
     };
     let old = attach("host-a", false).await;
+    // The node serves once its first heartbeat has taught it the current marks.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !node.server.ready.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            Instant::now() < deadline,
+            "the node never heard from the metadata service"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let data = DataClient::connect(&node.addr.to_string()).await.unwrap();
     let write = |generation| dpb::Request {
         op: dpb::Op::Write as i32,

@@ -376,7 +376,7 @@ async fn wait_ready(
             .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
             .await?;
         let up = s.nodes.iter().filter(|n| n.up).count();
-        if up >= nodes {
+        if up >= nodes && serving(&s).await {
             return Ok(s);
         }
         if tokio::time::Instant::now() >= deadline {
@@ -384,6 +384,25 @@ async fn wait_ready(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether every node answers a request (a flush): a node heard by the metadata service may
+/// not have read the heartbeat's answer yet, and until then it serves nothing.
+async fn serving(s: &pb::ClusterStatusResponse) -> bool {
+    for n in &s.nodes {
+        let Ok(c) = cairn_client::data::client::DataClient::connect(&n.data_addr).await else {
+            return false;
+        };
+        let req = cairn_proto::data::Request {
+            op: cairn_proto::data::Op::Flush as i32,
+            ..Default::default()
+        };
+        match c.call(req, bytes::Bytes::new()).await {
+            Ok((r, _)) if r.status == cairn_proto::data::Status::Ok as i32 => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 fn file_changed(file: &ClusterFile, path: &Path) {
