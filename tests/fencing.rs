@@ -44,6 +44,8 @@ async fn node_learns_generations_from_the_metadata_service() {
         heartbeat: Duration::from_millis(200),
         resync_every: Duration::from_secs(1),
         resync_rate: 0,
+        slow_disk: Duration::from_millis(25),
+        isolate_disk: Duration::from_millis(125),
     })
     .await
     .unwrap();

@@ -370,6 +370,7 @@ async fn segments_placed_across_registered_hosts() {
                 healthy: true,
                 corrupt_reads: h,
                 torn_blocks: 0,
+                latency_us: 0,
             })
             .collect::<Vec<_>>();
         let reg = pb::RegisterNodeRequest {

@@ -158,6 +158,13 @@ pub struct NodeRunArgs {
     /// re-replication), so client I/O keeps its share; 0: unlimited.
     #[arg(long, default_value_t = 200)]
     pub resync_mb_per_s: u64,
+    /// A disk answering requests this slowly on average (milliseconds) is reported slow.
+    #[arg(long, default_value_t = 25)]
+    pub slow_disk_ms: u64,
+    /// A disk answering requests this slowly on average (milliseconds) is isolated: reported
+    /// unhealthy, its data moved to other disks.
+    #[arg(long, default_value_t = 125)]
+    pub isolate_disk_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -136,6 +136,8 @@ async fn node_run(a: NodeRunArgs, meta: &[String]) -> anyhow::Result<()> {
         heartbeat: std::time::Duration::from_secs(2),
         resync_every: std::time::Duration::from_secs(1),
         resync_rate: a.resync_mb_per_s << 20,
+        slow_disk: std::time::Duration::from_millis(a.slow_disk_ms),
+        isolate_disk: std::time::Duration::from_millis(a.isolate_disk_ms),
     };
     // Failpoints from FAILPOINTS (builds with the `failpoints` feature; tests only).
     #[cfg(feature = "failpoints")]

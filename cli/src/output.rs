@@ -236,6 +236,7 @@ impl Printer {
                     "up": n.up, "disks": n.disks.iter().map(|d| json!({
                         "uuid": d.uuid, "path": d.path, "capacity_bytes": d.capacity_bytes, "healthy": d.healthy,
                         "used_bytes": d.used_bytes, "corrupt_reads": d.corrupt_reads, "torn_blocks": d.torn_blocks,
+                        "latency_us": d.latency_us,
                     })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "volumes": s.volumes, "volume_bytes": s.volume_bytes,
@@ -274,7 +275,8 @@ impl Printer {
             println!("storage nodes: none registered");
         } else {
             let mut t = table(&[
-                "NODE", "HOST", "STATE", "DISKS", "USED", "CAPACITY", "CORRUPT", "TORN", "ADDRESS",
+                "NODE", "HOST", "STATE", "DISKS", "USED", "CAPACITY", "CORRUPT", "TORN", "LATENCY",
+                "ADDRESS",
             ]);
             for n in &s.nodes {
                 let healthy = n.disks.iter().filter(|d| d.healthy).count();
@@ -295,6 +297,11 @@ impl Printer {
                         .map(|d| d.torn_blocks)
                         .sum::<u64>()
                         .to_string(),
+                    // The slowest disk's average request time.
+                    format!(
+                        "{:.1} ms",
+                        n.disks.iter().map(|d| d.latency_us).max().unwrap_or(0) as f64 / 1000.0
+                    ),
                     n.data_addr.clone(),
                 ]);
             }

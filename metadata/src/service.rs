@@ -570,6 +570,7 @@ impl Metadata for MetaService {
                                         healthy: d.healthy,
                                         corrupt_reads: c.map_or(0, |c| c.corrupt_reads),
                                         torn_blocks: c.map_or(0, |c| c.torn_blocks),
+                                        latency_us: c.map_or(0, |c| c.latency_us),
                                     }
                                 })
                                 .collect(),

@@ -62,6 +62,10 @@ pub struct NodeConfig {
     pub resync_every: Duration,
     /// Most bytes a second copied to bring memberships up to date (0: unlimited).
     pub resync_rate: u64,
+    /// A disk whose requests take this long on average is reported slow (a warning)...
+    pub slow_disk: Duration,
+    /// ...and this long, unhealthy: its data moves to other disks.
+    pub isolate_disk: Duration,
 }
 
 pub struct Node {
@@ -126,6 +130,7 @@ impl Node {
             syncing: Syncing::default(),
             // Standalone, there is no one to learn from.
             ready: AtomicBool::new(cfg.meta.is_empty()),
+            latency: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -179,20 +184,35 @@ impl Node {
     }
 }
 
-fn disk_report(server: &DataServer<DiskEngine>, paths: &HashMap<String, String>) -> Vec<pb::Disk> {
+/// The disks as the heartbeat reports them. A disk whose requests take longer than
+/// `cfg.slow_disk` on average is reported with a warning; longer than `cfg.isolate_disk`, it is
+/// reported unhealthy, and the cluster moves its data elsewhere.
+fn disk_report(
+    server: &DataServer<DiskEngine>,
+    paths: &HashMap<String, String>,
+    cfg: &NodeConfig,
+) -> Vec<pb::Disk> {
     let mut out: Vec<pb::Disk> = server
         .disks
         .iter()
         .map(|(uuid, e)| {
             let st = e.stats();
+            let latency_us = server.latency.ewma_us(uuid);
+            let slow = Duration::from_micros(latency_us);
+            if slow >= cfg.isolate_disk {
+                tracing::error!(disk = %uuid, latency_ms = latency_us / 1000, "disk too slow: reporting it unhealthy");
+            } else if slow >= cfg.slow_disk {
+                tracing::warn!(disk = %uuid, latency_ms = latency_us / 1000, "disk slow");
+            }
             pb::Disk {
                 uuid: uuid.clone(),
                 path: paths.get(uuid).cloned().unwrap_or_default(),
                 capacity_bytes: e.capacity_bytes(),
                 used_bytes: st.chunks * CHUNK_SIZE,
-                healthy: !e.poisoned(),
+                healthy: !e.poisoned() && slow < cfg.isolate_disk,
                 corrupt_reads: st.corrupt_reads,
                 torn_blocks: st.torn_blocks,
+                latency_us,
             }
         })
         .collect();
@@ -213,7 +233,7 @@ async fn heartbeat_loop(
 ) {
     let mut node_id = None;
     loop {
-        let disks = disk_report(&server, &paths);
+        let disks = disk_report(&server, &paths, &cfg);
         match node_id {
             None => {
                 let req = pb::RegisterNodeRequest {

@@ -179,8 +179,9 @@ impl DiskFile {
         if self.is_poisoned() {
             return Err(io::Error::other("disk poisoned by an earlier failed sync"));
         }
-        // A disk that fails writes, for the failure tests (compiled in only with the
-        // `failpoints` feature).
+        // A slow disk and a disk that fails writes, for the failure tests (compiled in only
+        // with the `failpoints` feature).
+        fail::fail_point!("disk-write-delay");
         fail::fail_point!("disk-write-error", |_| {
             self.poison();
             Err(io::Error::from_raw_os_error(5)) // EIO

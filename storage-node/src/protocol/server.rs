@@ -39,6 +39,30 @@ pub struct ServerStats {
     pub protocol_errors: AtomicU64,
 }
 
+/// Each disk's request service time: a moving average (each request weighs 1/20), so a disk
+/// that turns slow shows within a few dozen requests.
+#[derive(Default)]
+pub struct Latency {
+    ewma_us: std::sync::Mutex<std::collections::HashMap<String, f64>>,
+}
+
+impl Latency {
+    pub fn record(&self, disk: &str, took: Duration) {
+        let us = took.as_secs_f64() * 1e6;
+        let mut m = self.ewma_us.lock().expect("latency lock");
+        let e = m.entry(disk.to_owned()).or_insert(us);
+        *e += (us - *e) / 20.0;
+    }
+
+    pub fn ewma_us(&self, disk: &str) -> u64 {
+        self.ewma_us
+            .lock()
+            .expect("latency lock")
+            .get(disk)
+            .map_or(0, |e| *e as u64)
+    }
+}
+
 /// Serves the chunks of a node's disks.
 pub struct DataServer<E> {
     /// The node's disks by uuid.
@@ -52,6 +76,8 @@ pub struct DataServer<E> {
     pub activity: Arc<Activity>,
     pub gates: Gates,
     pub syncing: Syncing,
+    /// Each disk's request service time.
+    pub latency: Latency,
     /// False until the node has learned the current generations and epochs from the
     /// metadata service: a node back from a crash must not take a write from a client the
     /// cluster has since fenced or moved past.
@@ -261,10 +287,10 @@ impl<E: ChunkEngine> DataServer<E> {
                 mark_blocks(&mut *marks.lock().await, offset, len);
             }
         }
-        let e = match (req.disk.as_str(), self.disks.len()) {
-            ("", 1) => self.disks.values().next().expect("one disk"),
-            (d, _) => match self.disks.get(d) {
-                Some(e) => e,
+        let (uuid, e) = match (req.disk.as_str(), self.disks.len()) {
+            ("", 1) => self.disks.iter().next().expect("one disk"),
+            (d, _) => match self.disks.get_key_value(d) {
+                Some(x) => x,
                 None => {
                     let msg = format!("disk {d:?} is not on this node");
                     return fail(pb::Status::Invalid, msg);
@@ -315,6 +341,14 @@ impl<E: ChunkEngine> DataServer<E> {
             }
             _ => {}
         }
+        let started = std::time::Instant::now();
+        let data_op = matches!(
+            req.cmd,
+            Command::Read { .. }
+                | Command::Write { .. }
+                | Command::Discard { .. }
+                | Command::WriteZeroes { .. }
+        );
         let result = match req.cmd {
             Command::Read { offset, len } => {
                 e.read(req.chunk, offset, len).await.map(|d| (None, d))
@@ -349,6 +383,9 @@ impl<E: ChunkEngine> DataServer<E> {
             | Command::ActivityList
             | Command::Settle(_) => unreachable!("answered above"),
         };
+        if data_op {
+            self.latency.record(uuid, started.elapsed());
+        }
         match result {
             Ok((mapped, payload)) => {
                 let r = pb::Response {
