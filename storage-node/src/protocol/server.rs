@@ -40,18 +40,23 @@ pub struct ServerStats {
 }
 
 /// Each disk's request service time: a moving average (each request weighs 1/20), so a disk
-/// that turns slow shows within a few dozen requests.
+/// that turns slow shows within a few dozen requests. A disk without a request for
+/// [`LATENCY_IDLE`] has nothing to say (an isolated disk is eligible again once it is).
 #[derive(Default)]
 pub struct Latency {
-    ewma_us: std::sync::Mutex<std::collections::HashMap<String, f64>>,
+    ewma_us: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
+
+pub const LATENCY_IDLE: Duration = Duration::from_secs(30);
 
 impl Latency {
     pub fn record(&self, disk: &str, took: Duration) {
         let us = took.as_secs_f64() * 1e6;
+        let now = std::time::Instant::now();
         let mut m = self.ewma_us.lock().expect("latency lock");
-        let e = m.entry(disk.to_owned()).or_insert(us);
-        *e += (us - *e) / 20.0;
+        let e = m.entry(disk.to_owned()).or_insert((us, now));
+        e.0 += (us - e.0) / 20.0;
+        e.1 = now;
     }
 
     pub fn ewma_us(&self, disk: &str) -> u64 {
@@ -59,7 +64,8 @@ impl Latency {
             .lock()
             .expect("latency lock")
             .get(disk)
-            .map_or(0, |e| *e as u64)
+            .filter(|(_, at)| at.elapsed() < LATENCY_IDLE)
+            .map_or(0, |(e, _)| *e as u64)
     }
 }
 
