@@ -56,9 +56,10 @@ fn every_acknowledged_write_survives_killing_every_process_at_once() {
     {
         let vc = rt.block_on(attach(&c.meta, false));
         // Four writers, each on its own 16 MiB, until the cluster dies under them.
+        let mut writers = Vec::new();
         for w in 0..4u64 {
             let (vc, truth) = (vc.clone(), truth.clone());
-            rt.spawn(async move {
+            writers.push(rt.spawn(async move {
                 let mut x = 0x9E37_79B9 + w;
                 for v in 1.. {
                     x ^= x << 13;
@@ -71,11 +72,16 @@ fn every_acknowledged_write_survives_killing_every_process_at_once() {
                     }
                     truth.lock().unwrap().insert(off, (v, None));
                 }
-            });
+            }));
         }
         std::thread::sleep(Duration::from_secs(3));
         c.kill_everything();
-        std::thread::sleep(Duration::from_millis(500));
+        // No write of this client may go on once the cluster is back (one waiting for the
+        // metadata service would, and change blocks behind the truth recorded here).
+        for w in writers {
+            w.abort();
+            let _ = rt.block_on(w);
+        }
     }
     let truth = truth.lock().unwrap().clone();
     let acked = truth.values().filter(|(v, _)| *v > 0).count();
