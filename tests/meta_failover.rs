@@ -64,19 +64,7 @@ fn killing_the_metadata_leader_does_not_stop_volume_io() {
         serde_json::from_slice(&c.cairn(&["status", "--json"]).stdout).unwrap()
     };
     let leader = status()["leader_id"].as_u64().unwrap();
-    let file = c.cluster_file();
-    let pid = file["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["role"] == "meta" && p["id"] == leader)
-        .and_then(|p| p["pid"].as_u64())
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.kill("meta", leader);
     let at_kill = acked.lock().unwrap().len();
     // Past a lease renewal (every 10 s with the default 30 s lease).
     std::thread::sleep(Duration::from_secs(12));

@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,35 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
-use common::UpCluster;
+use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 4 * MIB;
-
-/// The data of a block at `offset`, version `v`.
-fn block(offset: u64, v: u64) -> Bytes {
-    let mut x = offset ^ (v.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-    Bytes::from(
-        (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
-}
-
-/// A process killed when the test ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
@@ -102,20 +76,7 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
     std::thread::sleep(Duration::from_secs(1));
 
     // Kill node 2; the writes go on.
-    let file = c.cluster_file();
-    let node2 = file["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["role"] == "node" && p["id"] == 2)
-        .unwrap()
-        .clone();
-    let pid = i32::try_from(node2["pid"].as_u64().unwrap()).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.kill("node", 2);
     let written_before = acked.lock().unwrap().len();
     let versions_at_kill = acked.lock().unwrap().clone();
     std::thread::sleep(Duration::from_secs(3));
@@ -165,25 +126,8 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
     );
 
     // Start it again: it resyncs and rejoins while the writer goes on.
-    let cmd: Vec<String> = node2["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_owned())
-        .collect();
-    let log_path = node2["log"].as_str().unwrap().to_owned();
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log_path)
-        .unwrap();
-    let _node2 = KillOnDrop(
-        Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let log_path = c.process("node", 2)["log"].as_str().unwrap().to_owned();
+    let _node2 = c.respawn("node", 2, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let l = layout(meta());

@@ -13,17 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
-use common::UpCluster;
+use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
-
-fn block(offset: u64, v: u64) -> Bytes {
-    Bytes::from(
-        (0..4096u64)
-            .map(|i| (offset / 4096 * 31 + v * 7 + i) as u8)
-            .collect::<Vec<u8>>(),
-    )
-}
 
 async fn attach(c: &UpCluster, force: bool) -> Arc<VolumeClient> {
     VolumeClient::attach(
@@ -58,23 +50,7 @@ fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
             }
         }
     });
-    let group = || {
-        let mc = MetaClient::new(&c.meta_addrs()).unwrap();
-        rt.block_on(async move {
-            mc.call(|mut cl| async move {
-                cl.get_layout(pb::GetLayoutRequest {
-                    volume: "nr".into(),
-                })
-                .await
-            })
-            .await
-            .unwrap()
-            .segments[0]
-                .group
-                .clone()
-                .unwrap()
-        })
-    };
+    let group = || rt.block_on(c.first_group("nr"));
     let before = group();
     let victim = before
         .members
@@ -105,20 +81,8 @@ fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
             Ok::<_, cairn_client::VolumeError>(v - 1)
         })
     };
-    let file = c.cluster_file();
     let id: u64 = victim.trim_start_matches("node-").parse().unwrap();
-    let pid = file["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["role"] == "node" && p["id"] == id)
-        .and_then(|p| p["pid"].as_u64())
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.kill("node", id);
 
     let killed_at = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(90);

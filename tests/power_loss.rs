@@ -9,26 +9,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
-use common::UpCluster;
+use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
-
-fn block(offset: u64, v: u64) -> Bytes {
-    let mut x = offset ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
-}
 
 /// Per block: the last acknowledged version, and a version sent after it, if any.
 type Truth = Arc<Mutex<HashMap<u64, (u64, Option<u64>)>>>;

@@ -16,27 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
-use common::UpCluster;
+use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
 const WRITERS: u64 = 4;
 const REGION: u64 = 8 * MIB;
-
-fn block(offset: u64, v: u64) -> Bytes {
-    let mut x = offset ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
-}
 
 struct Rng(u64);
 

@@ -504,3 +504,93 @@ pub fn run_tool(tool: &str, args: &[&str]) -> std::process::Output {
     );
     o
 }
+
+/// A 4 KiB block whose bytes depend on its offset and a version (xorshift): every version of
+/// every block differs.
+pub fn versioned_block(offset: u64, v: u64) -> bytes::Bytes {
+    let mut x = offset ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    bytes::Bytes::from(
+        (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// A process a test started, killed when the test ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl UpCluster {
+    /// The cluster.json entry of a process (`role` "meta", "node" or "nbd").
+    pub fn process(&self, role: &str, id: u64) -> serde_json::Value {
+        self.cluster_file()["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["role"] == role && p["id"] == id)
+            .unwrap_or_else(|| panic!("no {role} {id} in cluster.json"))
+            .clone()
+    }
+
+    /// SIGKILL to a process `cairn up` started.
+    pub fn kill(&self, role: &str, id: u64) {
+        let pid = self.process(role, id)["pid"].as_u64().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
+    /// Starts a process again with the command `cairn up` recorded (and `env`), logging to
+    /// the same file.
+    pub fn respawn(&self, role: &str, id: u64, env: &[(&str, &str)]) -> KillOnDrop {
+        let e = self.process(role, id);
+        let cmd: Vec<String> = e["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(e["log"].as_str().unwrap())
+            .unwrap();
+        KillOnDrop(
+            Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// The placement group of a volume's first segment, as the metadata service has it now.
+    pub async fn first_group(&self, volume: &str) -> pb::PlacementGroup {
+        let mc = MetaClient::new(&self.meta_addrs()).unwrap();
+        let volume = volume.to_owned();
+        mc.call(|mut c| {
+            let volume = volume.clone();
+            async move { c.get_layout(pb::GetLayoutRequest { volume }).await }
+        })
+        .await
+        .unwrap()
+        .segments[0]
+            .group
+            .clone()
+            .unwrap()
+    }
+}

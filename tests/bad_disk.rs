@@ -1,13 +1,13 @@
-//! A disk that keeps failing (the `disk-write-error` failpoint: every durable write fails
-//! after the first few) is isolated — its node reports it unhealthy, clients take it out of
-//! the active set — and its group membership moves to a disk on the spare host, which copies
-//! the group's data, while a writer goes on without an error. Every acknowledged write reads
-//! back, and the three current replicas are identical.
+//! A disk that fails its writes, or answers them slowly, is isolated: its node reports it
+//! unhealthy (after a failed write the engine stops serving; a disk whose requests take over
+//! 125 ms on average is reported so), clients take it out of the active set, and its group
+//! membership moves to a disk on the spare host, which copies the group's data — while a
+//! writer goes on without an error. Every acknowledged write reads back, and the three current
+//! replicas are identical. The faults come from failpoints in the disk's durable write path.
 
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,24 +15,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
-use common::UpCluster;
+use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
-
-fn block(offset: u64, v: u64) -> Bytes {
-    Bytes::from(
-        (0..4096u64)
-            .map(|i| (offset / 4096 * 13 + v * 5 + i) as u8)
-            .collect::<Vec<u8>>(),
-    )
-}
 
 async fn attach(c: &UpCluster, force: bool) -> Arc<VolumeClient> {
     VolumeClient::attach(
         MetaClient::new(&c.meta_addrs()).unwrap(),
-        "df",
+        "bd",
         AttachOptions {
-            holder: "disk-failure-test".into(),
+            holder: "bad-disk-test".into(),
             force,
             host: "node-1".into(),
         },
@@ -41,20 +33,11 @@ async fn attach(c: &UpCluster, force: bool) -> Arc<VolumeClient> {
     .unwrap()
 }
 
-/// The process started again with a failing disk; killed at the end.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[test]
-fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
+/// Restarts a member of the volume's group with `failpoints`, runs a writer until the
+/// member's disk is replaced, and checks the data; returns the bad disk's `cairn status` entry.
+fn bad_disk_is_replaced(failpoints: &str) -> serde_json::Value {
     let c = UpCluster::start_with(&["--nodes", "4"]);
-    c.cairn(&["volume", "create", "df", "--size", "64M"]);
+    c.cairn(&["volume", "create", "bd", "--size", "64M"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_rt = rt.enter();
     let vc = rt.block_on(attach(&c, false));
@@ -67,25 +50,8 @@ fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
             vc.write(off, Bytes::from(d)).await.unwrap();
         }
     });
-    let group = || {
-        let mc = MetaClient::new(&c.meta_addrs()).unwrap();
-        rt.block_on(async move {
-            mc.call(|mut cl| async move {
-                cl.get_layout(pb::GetLayoutRequest {
-                    volume: "df".into(),
-                })
-                .await
-            })
-            .await
-            .unwrap()
-            .segments[0]
-                .group
-                .clone()
-                .unwrap()
-        })
-    };
-    let before = group();
-    let victim = before
+    let victim = rt
+        .block_on(c.first_group("bd"))
         .members
         .iter()
         .find(|m| m.host != "node-1")
@@ -93,40 +59,11 @@ fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
         .host
         .clone();
 
-    // The victim's node, started again on a disk whose writes fail after the first 20.
+    // The victim's node, started again on the bad disk.
     let id: u64 = victim.trim_start_matches("node-").parse().unwrap();
-    let entry = c.cluster_file()["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["role"] == "node" && p["id"] == id)
-        .unwrap()
-        .clone();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(entry["pid"].as_u64().unwrap()).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.kill("node", id);
     std::thread::sleep(Duration::from_millis(300));
-    let cmd: Vec<String> = entry["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_owned())
-        .collect();
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(entry["log"].as_str().unwrap())
-        .unwrap();
-    let _failing = KillOnDrop(
-        Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .env("FAILPOINTS", "disk-write-error=20*off->return")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let _bad = c.respawn("node", id, &[("FAILPOINTS", failpoints)]);
 
     let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -146,7 +83,7 @@ fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
     };
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let g = group();
+        let g = rt.block_on(c.first_group("bd"));
         if !g.members.iter().any(|m| m.host == victim)
             && g.members
                 .iter()
@@ -156,7 +93,7 @@ fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
         }
         assert!(
             Instant::now() < deadline && !writer.is_finished(),
-            "the failing disk was not replaced: {g:?}"
+            "the bad disk was not replaced: {g:?}"
         );
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -167,11 +104,12 @@ fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
         .unwrap()
         .iter()
         .find(|n| n["host"] == victim.as_str())
-        .unwrap();
+        .unwrap()
+        .clone();
     assert_eq!(node["disks"][0]["healthy"], false, "{status}");
     stop.store(true, Ordering::Relaxed);
     let writes = rt.block_on(writer).unwrap().unwrap();
-    println!("{writes} writes while the disk failed and was replaced");
+    println!("{writes} writes while the bad disk was isolated and replaced");
 
     let acked = acked.lock().unwrap().clone();
     rt.block_on(async {
@@ -191,4 +129,21 @@ fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
             "replicas differ"
         );
     });
+    node
+}
+
+/// Every durable write fails after the first 20.
+#[test]
+fn a_failing_disk_is_isolated_and_its_data_re_replicated() {
+    bad_disk_is_replaced("disk-write-error=20*off->return");
+}
+
+/// Every durable write takes 200 ms more: the latency shows, and isolates the disk.
+#[test]
+fn a_slow_disk_is_isolated_and_its_data_re_replicated() {
+    let node = bad_disk_is_replaced("disk-write-delay=sleep(200)");
+    assert!(
+        node["disks"][0]["latency_us"].as_u64().unwrap() >= 125_000,
+        "the slow disk's latency is reported: {node}"
+    );
 }
