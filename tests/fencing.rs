@@ -46,6 +46,12 @@ async fn node_learns_generations_from_the_metadata_service() {
         resync_rate: 0,
         slow_disk: Duration::from_millis(25),
         isolate_disk: Duration::from_millis(125),
+        fence_after: Duration::from_secs(10),
+        scrub: cairn_storage_node::scrub::ScrubConfig {
+            every: Duration::ZERO,
+            rate: 0,
+            recheck: Duration::from_secs(1),
+        },
     })
     .await
     .unwrap();

@@ -251,7 +251,7 @@ async fn bad_requests_get_clear_errors() {
     expect(
         c.heartbeat(pb::HeartbeatRequest {
             node_id: 99,
-            disks: vec![],
+            ..Default::default()
         })
         .await,
         Code::NotFound,
@@ -370,7 +370,7 @@ async fn segments_placed_across_registered_hosts() {
                 healthy: true,
                 corrupt_reads: h,
                 torn_blocks: 0,
-                latency_us: 0,
+                ..Default::default()
             })
             .collect::<Vec<_>>();
         let reg = pb::RegisterNodeRequest {
@@ -389,9 +389,13 @@ async fn segments_placed_across_registered_hosts() {
             .node_id;
         // Registration is idempotent on the node's uuid.
         assert_eq!(c.register_node(reg).await.unwrap().into_inner().node_id, id);
-        c.heartbeat(pb::HeartbeatRequest { node_id: id, disks })
-            .await
-            .unwrap();
+        c.heartbeat(pb::HeartbeatRequest {
+            node_id: id,
+            disks,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         ids.push(id);
     }
     c.create_volume(create("vm", 8 << 30)).await.unwrap();

@@ -4,29 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
-
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient, VolumeError};
 use common::UpCluster;
-
-/// Finds `needle` (one 4 KiB block) in a node's disk file, past its log region, once the
-/// node's in-place copy has landed.
-fn find_block(disk: &std::path::Path, needle: &[u8]) -> u64 {
-    // 2 GiB disks: superblock area 1 MiB, then a 16 MiB log, then the chunk slots.
-    const DATA: u64 = 17 << 20;
-    for _ in 0..100 {
-        let mut f = std::fs::File::open(disk).unwrap();
-        f.seek(SeekFrom::Start(DATA)).unwrap();
-        let mut buf = vec![0u8; 64 << 20];
-        f.read_exact(&mut buf).unwrap();
-        if let Some(i) = buf.chunks(4096).position(|b| b == needle) {
-            return DATA + i as u64 * 4096;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("block not found in {}", disk.display());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_replica_is_read_around_and_repaired() {
@@ -47,14 +27,7 @@ async fn corrupt_replica_is_read_around_and_repaired() {
         vc.detach().await.unwrap();
     }
     // Damage node-2's copy behind its back.
-    let disk = c.path("cairn-data/node-2/disk0.img");
-    let at = find_block(&disk, &block);
-    {
-        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        f.seek(SeekFrom::Start(at + 100)).unwrap();
-        f.write_all(&[block[100] ^ 0xFF]).unwrap();
-        f.sync_all().unwrap();
-    }
+    common::corrupt_block(&c.path("cairn-data/node-2/disk0.img"), &block);
     // A client on node-2's host reads its local copy first.
     let vc = VolumeClient::attach(meta(), "pacs", opts("node-2"))
         .await

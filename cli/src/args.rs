@@ -165,6 +165,17 @@ pub struct NodeRunArgs {
     /// unhealthy, its data moved to other disks.
     #[arg(long, default_value_t = 125)]
     pub isolate_disk_ms: u64,
+    /// With no answer from the metadata service for this long (milliseconds), stop serving:
+    /// the node may be on the minority side of a partition. 0: never.
+    #[arg(long, default_value_t = 10_000)]
+    pub fence_after_ms: u64,
+    /// Seconds between background scrub passes (every block checked, replicas compared);
+    /// 0: no scrub.
+    #[arg(long, default_value_t = 86_400)]
+    pub scrub_every_s: u64,
+    /// Most MB a second the scrub reads; 0: unlimited.
+    #[arg(long, default_value_t = 50)]
+    pub scrub_mb_per_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -194,6 +205,10 @@ pub struct UpArgs {
     /// has before its data is re-replicated, in milliseconds.
     #[arg(long)]
     pub replace_after_ms: Option<u64>,
+    /// A flag passed to every storage node (a new cluster only), e.g.
+    /// `--node-arg=--scrub-every-s=3600`; repeatable.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    pub node_args: Vec<String>,
 }
 
 fn parse_replicas(s: &str) -> Result<u64, String> {
@@ -309,4 +324,8 @@ pub struct MetaRunArgs {
     /// re-replicated onto other hosts (default 10 minutes).
     #[arg(long)]
     pub replace_after_ms: Option<u64>,
+    /// A flag passed to every storage node (a new cluster only), e.g.
+    /// `--node-arg=--scrub-every-s=3600`; repeatable.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    pub node_args: Vec<String>,
 }

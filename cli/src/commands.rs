@@ -138,6 +138,12 @@ async fn node_run(a: NodeRunArgs, meta: &[String]) -> anyhow::Result<()> {
         resync_rate: a.resync_mb_per_s << 20,
         slow_disk: std::time::Duration::from_millis(a.slow_disk_ms),
         isolate_disk: std::time::Duration::from_millis(a.isolate_disk_ms),
+        fence_after: std::time::Duration::from_millis(a.fence_after_ms),
+        scrub: cairn_storage_node::scrub::ScrubConfig {
+            every: std::time::Duration::from_secs(a.scrub_every_s),
+            rate: a.scrub_mb_per_s << 20,
+            recheck: std::time::Duration::from_secs(1),
+        },
     };
     // Failpoints from FAILPOINTS (builds with the `failpoints` feature; tests only).
     #[cfg(feature = "failpoints")]

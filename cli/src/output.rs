@@ -236,8 +236,13 @@ impl Printer {
                     "up": n.up, "disks": n.disks.iter().map(|d| json!({
                         "uuid": d.uuid, "path": d.path, "capacity_bytes": d.capacity_bytes, "healthy": d.healthy,
                         "used_bytes": d.used_bytes, "corrupt_reads": d.corrupt_reads, "torn_blocks": d.torn_blocks,
-                        "latency_us": d.latency_us,
+                        "latency_us": d.latency_us, "scrub_errors": d.scrub_errors,
+                        "scrub_bytes": d.scrub_bytes,
                     })).collect::<Vec<_>>(),
+                    "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
+                    "heartbeat_rtt_us": n.heartbeat_rtt_us,
+                    "heartbeat_failures": n.heartbeat_failures,
+                    "heartbeat_gap_ms": n.heartbeat_gap_ms,
                 })).collect::<Vec<_>>(),
                 "volumes": s.volumes, "volume_bytes": s.volume_bytes,
                 "allocated_bytes": s.allocated_bytes, "groups": s.groups,
@@ -275,7 +280,20 @@ impl Printer {
             println!("storage nodes: none registered");
         } else {
             let mut t = table(&[
-                "NODE", "HOST", "STATE", "DISKS", "USED", "CAPACITY", "CORRUPT", "TORN", "LATENCY",
+                "NODE",
+                "HOST",
+                "STATE",
+                "DISKS",
+                "USED",
+                "CAPACITY",
+                "CORRUPT",
+                "TORN",
+                "LATENCY",
+                "SCRUBBED",
+                "SCRUB BAD",
+                "HB RTT",
+                "HB GAP",
+                "HB LOST",
                 "ADDRESS",
             ]);
             for n in &s.nodes {
@@ -302,6 +320,17 @@ impl Printer {
                         "{:.1} ms",
                         n.disks.iter().map(|d| d.latency_us).max().unwrap_or(0) as f64 / 1000.0
                     ),
+                    format_size(n.disks.iter().map(|d| d.scrub_bytes).sum()),
+                    n.disks
+                        .iter()
+                        .map(|d| d.scrub_errors)
+                        .sum::<u64>()
+                        .to_string(),
+                    // The link to the metadata service: heartbeat round trip, the longest
+                    // silence in the last minute, heartbeats that got no answer.
+                    format!("{:.1} ms", n.heartbeat_rtt_us as f64 / 1000.0),
+                    format!("{:.1} s", n.heartbeat_gap_ms as f64 / 1000.0),
+                    n.heartbeat_failures.to_string(),
                     n.data_addr.clone(),
                 ]);
             }

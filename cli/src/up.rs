@@ -209,7 +209,10 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
                 // Each local node stands for a host of its own, so groups span three of them.
                 "--host".into(),
                 format!("node-{i}"),
-            ],
+            ]
+            .into_iter()
+            .chain(a.node_args.iter().cloned())
+            .collect(),
             log: data_dir.join("logs").join(format!("node-{i}.log")),
         });
     }

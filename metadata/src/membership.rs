@@ -211,15 +211,24 @@ impl ClusterState {
 
     /// The groups in which a disk of node `node_id` is not active.
     pub fn stale_groups_of(&self, node_id: u64) -> Vec<u64> {
+        self.groups_of(node_id, false)
+    }
+
+    /// The groups with a member on `node_id`'s disks: every one (`all`), or those whose member
+    /// there is out of date or catching up.
+    pub fn groups_of(&self, node_id: u64, all: bool) -> Vec<u64> {
         let Some(n) = self.nodes.get(&node_id) else {
             return Vec::new();
         };
+        let here = |d: &String| n.disks.iter().any(|x| &x.uuid == d);
         self.groups
             .values()
             .filter(|g| {
-                g.states
-                    .keys()
-                    .any(|d| n.disks.iter().any(|x| &x.uuid == d))
+                if all {
+                    g.disks.iter().any(here)
+                } else {
+                    g.states.keys().any(here)
+                }
             })
             .map(|g| g.id)
             .collect()

@@ -53,6 +53,47 @@ pub(crate) struct Liveness {
     pub(crate) at: Instant,
     /// Per-disk usage and error counters, by disk uuid.
     disks: HashMap<String, pb::Disk>,
+    /// The node's own view of the link: heartbeat round trip (moving average) and failures.
+    rtt_us: u64,
+    failures: u64,
+    /// Gaps between consecutive heartbeats received in the last minute (when, how long).
+    gaps: std::collections::VecDeque<(Instant, Duration)>,
+}
+
+/// How far back `cairn status` looks for the longest heartbeat gap.
+const GAP_WINDOW: Duration = Duration::from_secs(60);
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            at: Instant::now(),
+            disks: HashMap::new(),
+            rtt_us: 0,
+            failures: 0,
+            gaps: Default::default(),
+        }
+    }
+
+    /// A heartbeat arrived now.
+    fn heard(&mut self, disks: HashMap<String, pb::Disk>, rtt_us: u64, failures: u64) {
+        let now = Instant::now();
+        self.gaps.push_back((now, now - self.at));
+        while self
+            .gaps
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > GAP_WINDOW)
+        {
+            self.gaps.pop_front();
+        }
+        self.at = now;
+        self.disks = disks;
+        self.rtt_us = rtt_us;
+        self.failures = failures;
+    }
+
+    fn longest_gap(&self) -> Duration {
+        self.gaps.iter().map(|(_, g)| *g).max().unwrap_or_default()
+    }
 }
 
 fn volume_name(s: String) -> Result<VolumeName, Status> {
@@ -234,14 +275,10 @@ impl Metadata for MetaService {
         };
         match self.propose(cmd).await? {
             Reply::Node(id) => {
-                let disks = HashMap::new();
-                self.liveness.lock().expect("liveness lock").insert(
-                    id,
-                    Liveness {
-                        at: Instant::now(),
-                        disks,
-                    },
-                );
+                self.liveness
+                    .lock()
+                    .expect("liveness lock")
+                    .insert(id, Liveness::new());
                 Ok(Response::new(pb::RegisterNodeResponse { node_id: id }))
             }
             other => Err(MetaError::Storage(format!("unexpected reply {other:?}")).into()),
@@ -266,13 +303,12 @@ impl Metadata for MetaService {
         let Some((known, (generations, epochs))) = known else {
             return Err(MetaError::NodeNotFound { id: r.node_id }.into());
         };
-        self.liveness.lock().expect("liveness lock").insert(
-            r.node_id,
-            Liveness {
-                at: Instant::now(),
-                disks: counters,
-            },
-        );
+        self.liveness
+            .lock()
+            .expect("liveness lock")
+            .entry(r.node_id)
+            .or_insert_with(Liveness::new)
+            .heard(counters, r.rtt_us, r.failures);
         // Only a change of the disk set or of health goes through raft.
         let changed = known.len() != reported.len()
             || known
@@ -451,13 +487,12 @@ impl Metadata for MetaService {
         &self,
         req: Request<pb::StaleMembersRequest>,
     ) -> Resp<pb::StaleMembersResponse> {
-        let node = req.into_inner().node_id;
+        let r = req.into_inner();
         let resp = self
             .read(move |s| {
-                let ids = s.stale_groups_of(node);
+                let ids = s.groups_of(r.node_id, r.all);
                 let segments = ids
                     .iter()
-                    .filter(|g| s.groups.get(g).is_some_and(|g| !g.full_copy.is_empty()))
                     .map(|&g| {
                         let (volumes, indexes) = s
                             .segments
@@ -571,9 +606,15 @@ impl Metadata for MetaService {
                                         corrupt_reads: c.map_or(0, |c| c.corrupt_reads),
                                         torn_blocks: c.map_or(0, |c| c.torn_blocks),
                                         latency_us: c.map_or(0, |c| c.latency_us),
+                                        scrub_errors: c.map_or(0, |c| c.scrub_errors),
+                                        scrub_bytes: c.map_or(0, |c| c.scrub_bytes),
                                     }
                                 })
                                 .collect(),
+                            heartbeat_rtt_us: heard.map_or(0, |l| l.rtt_us),
+                            heartbeat_failures: heard.map_or(0, |l| l.failures),
+                            heartbeat_gap_ms: heard
+                                .map_or(0, |l| l.longest_gap().as_millis() as u64),
                         }
                     })
                     .collect();

@@ -25,6 +25,8 @@
 //! - [`resync`]: bringing a group member that missed writes up to date — the per-group
 //!   record of chunks written while degraded, the epoch barrier, and the copy of exactly
 //!   those chunks.
+//! - [`scrub`]: the background scrub — every block checked against its CRC, every replica's
+//!   CRCs compared, a bad copy sent to the resync to be repaired, and reported.
 //!
 //! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats.
 //!
@@ -39,6 +41,7 @@ pub mod format;
 pub mod node;
 pub mod protocol;
 pub mod resync;
+pub mod scrub;
 
 pub use engine::{ChunkEngine, ChunkId, EngineError};
 pub use node::{DiskSpec, Node, NodeConfig};

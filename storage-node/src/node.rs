@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cairn_client::MetaClient;
@@ -18,6 +18,7 @@ use crate::engine::{ChunkEngine, CHUNK_SIZE};
 use crate::fence::Fence;
 use crate::protocol::server::{DataServer, ServerStats};
 use crate::resync::{resync_loop, Dirty, Gates, Syncing};
+use crate::scrub::{scrub_loop, ScrubConfig};
 
 /// A disk of the node: a block device or a file (created sparse at `create_size` if missing).
 #[derive(Debug, Clone)]
@@ -66,6 +67,10 @@ pub struct NodeConfig {
     pub slow_disk: Duration,
     /// ...and this long, unhealthy: its data moves to other disks.
     pub isolate_disk: Duration,
+    /// With no answer from the metadata service for this long the node stops serving: it may
+    /// be on the minority side of a partition, where the cluster has moved on without it.
+    pub fence_after: Duration,
+    pub scrub: ScrubConfig,
 }
 
 pub struct Node {
@@ -131,6 +136,7 @@ impl Node {
             // Standalone, there is no one to learn from.
             ready: AtomicBool::new(cfg.meta.is_empty()),
             latency: Default::default(),
+            scrub: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -158,9 +164,15 @@ impl Node {
             tasks.push(tokio::spawn(resync_loop(
                 MetaClient::new(&cfg.meta)?,
                 server.clone(),
-                id_rx,
+                id_rx.clone(),
                 cfg.resync_every,
                 cfg.resync_rate,
+            )));
+            tasks.push(tokio::spawn(scrub_loop(
+                MetaClient::new(&cfg.meta)?,
+                server.clone(),
+                id_rx,
+                cfg.scrub.clone(),
             )));
         }
         tracing::info!(%addr, uuid = %node_uuid, "storage node serving");
@@ -213,6 +225,8 @@ fn disk_report(
                 corrupt_reads: st.corrupt_reads,
                 torn_blocks: st.torn_blocks,
                 latency_us,
+                scrub_errors: server.scrub.get(uuid).errors,
+                scrub_bytes: server.scrub.get(uuid).bytes,
             }
         })
         .collect();
@@ -232,6 +246,13 @@ async fn heartbeat_loop(
     id_tx: tokio::sync::watch::Sender<Option<u64>>,
 ) {
     let mut node_id = None;
+    let link = Arc::new(Link::default());
+    let watchdog = tokio::spawn(fence_when_cut_off(
+        link.clone(),
+        server.clone(),
+        cfg.fence_after,
+    ));
+    let _stop_watchdog = AbortOnDrop(watchdog);
     loop {
         let disks = disk_report(&server, &paths, &cfg);
         match node_id {
@@ -261,15 +282,23 @@ async fn heartbeat_loop(
                 }
             }
             Some(id) => {
+                let sent = Instant::now();
+                let (rtt_us, failures) = link.stats();
                 let r = client
                     .call(|mut c| {
                         let disks = disks.clone();
                         async move {
-                            c.heartbeat(pb::HeartbeatRequest { node_id: id, disks })
-                                .await
+                            c.heartbeat(pb::HeartbeatRequest {
+                                node_id: id,
+                                disks,
+                                rtt_us,
+                                failures,
+                            })
+                            .await
                         }
                     })
                     .await;
+                link.record(sent, r.is_ok());
                 match r {
                     Ok(resp) => {
                         // Fence stale writers now, not only when the new holder first writes.
@@ -281,7 +310,8 @@ async fn heartbeat_loop(
                         let e: Vec<(u64, u64)> =
                             resp.epochs.iter().map(|x| (x.group, x.epoch)).collect();
                         server.fence.learn(&g, &e);
-                        // Now current: serve.
+                        // Now current: serve (the watchdog first learns it was answered).
+                        link.answered();
                         if !server.ready.swap(true, Ordering::AcqRel) {
                             tracing::info!("fencing marks current; serving requests");
                         }
@@ -295,5 +325,83 @@ async fn heartbeat_loop(
             }
         }
         tokio::time::sleep(cfg.heartbeat).await;
+    }
+}
+
+/// The node's link to the metadata service, as its heartbeats see it.
+#[derive(Default)]
+struct Link {
+    inner: std::sync::Mutex<LinkInner>,
+}
+
+#[derive(Default)]
+struct LinkInner {
+    rtt_us: u64,
+    failures: u64,
+    /// When the metadata service last answered with current fencing marks.
+    answered: Option<Instant>,
+}
+
+impl Link {
+    fn stats(&self) -> (u64, u64) {
+        let l = self.inner.lock().expect("link lock");
+        (l.rtt_us, l.failures)
+    }
+
+    fn record(&self, sent: Instant, ok: bool) {
+        let mut l = self.inner.lock().expect("link lock");
+        if ok {
+            let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+            // A moving average over about the last 8 heartbeats.
+            l.rtt_us = if l.rtt_us == 0 {
+                us
+            } else {
+                (l.rtt_us * 7 + us) / 8
+            };
+        } else {
+            l.failures += 1;
+        }
+    }
+
+    fn answered(&self) {
+        self.inner.lock().expect("link lock").answered = Some(Instant::now());
+    }
+
+    fn silent_for(&self) -> Option<Duration> {
+        self.inner
+            .lock()
+            .expect("link lock")
+            .answered
+            .map(|t| t.elapsed())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Stops serving when the metadata service has not answered for `after` (DESIGN.md §6,
+/// partition: the minority side stops accepting writes). Cut off, the node cannot learn that
+/// clients moved its groups on without it or that a volume was taken over; a write it took
+/// then could only ever reach it, never be acknowledged, and would have to be undone. The
+/// next answered heartbeat brings the marks up to date and the node serves again.
+async fn fence_when_cut_off(link: Arc<Link>, server: Arc<DataServer<DiskEngine>>, after: Duration) {
+    if after.is_zero() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(silent) = link.silent_for() {
+            if silent >= after && server.ready.swap(false, Ordering::AcqRel) {
+                tracing::error!(
+                    silent_ms = silent.as_millis() as u64,
+                    "no answer from the metadata service: this node may be cut off from the cluster; refusing requests until it answers"
+                );
+            }
+        }
     }
 }

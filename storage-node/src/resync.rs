@@ -40,6 +40,9 @@ use crate::engine::{ChunkEngine, ChunkId, BLOCK_SIZE, CHUNK_SIZE};
 use crate::protocol::server::DataServer;
 
 const BLOCKS: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
+/// A member that has not answered a resync request in this long is passed over (a barrier
+/// waits for the writes in flight, so this is longer than a client's request timeout).
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Chunks copied at once by one resync.
 const COPY_PARALLELISM: usize = 4;
 /// One OP_DIRTY_LIST entry: volume, chunk index, then the block map (u64 LE words).
@@ -226,8 +229,11 @@ pub async fn resync_loop<E: ChunkEngine>(
         }
         let (groups, segments) = match meta
             .call(|mut c| async move {
-                c.stale_members(pb::StaleMembersRequest { node_id: id })
-                    .await
+                c.stale_members(pb::StaleMembersRequest {
+                    node_id: id,
+                    all: false,
+                })
+                .await
             })
             .await
         {
@@ -247,8 +253,8 @@ pub async fn resync_loop<E: ChunkEngine>(
                 .collect();
             for disk in mine {
                 let started = Instant::now();
-                let full = segments.iter().find(|s| s.group == g.id);
-                match resync_group(&meta, &server, g.clone(), &disk, full, rate).await {
+                let segs = segments.iter().find(|s| s.group == g.id);
+                match resync_group(&meta, &server, g.clone(), &disk, segs, rate).await {
                     Ok(s) => tracing::info!(
                         group = g.id,
                         disk = %disk,
@@ -266,7 +272,11 @@ pub async fn resync_loop<E: ChunkEngine>(
     }
 }
 
-fn group_request(op: dpb::Op, g: &pb::PlacementGroup, m: &pb::GroupMember) -> dpb::Request {
+pub(crate) fn group_request(
+    op: dpb::Op,
+    g: &pb::PlacementGroup,
+    m: &pb::GroupMember,
+) -> dpb::Request {
     dpb::Request {
         op: op as i32,
         group: g.id,
@@ -277,7 +287,7 @@ fn group_request(op: dpb::Op, g: &pb::PlacementGroup, m: &pb::GroupMember) -> dp
 }
 
 /// One request to another member; a non-OK answer is an error.
-async fn ask(
+pub(crate) async fn ask(
     conns: &Mutex<HashMap<String, Arc<DataClient>>>,
     m: &pb::GroupMember,
     req: dpb::Request,
@@ -298,10 +308,14 @@ async fn ask(
             c
         }
     };
-    let (r, data) = c
-        .call(req, Bytes::new())
-        .await
-        .with_context(|| format!("node {}", m.node_id))?;
+    let (r, data) = match tokio::time::timeout(ASK_TIMEOUT, c.call(req, Bytes::new())).await {
+        Ok(r) => r.with_context(|| format!("node {}", m.node_id))?,
+        Err(_) => {
+            // Stuck (a partition, a hung node): this connection is not reused.
+            conns.lock().expect("conns lock").remove(&m.data_addr);
+            anyhow::bail!("node {}: no answer in {ASK_TIMEOUT:?}", m.node_id)
+        }
+    };
     anyhow::ensure!(
         r.status == dpb::Status::Ok as i32,
         "node {}: {:?}: {}",
@@ -317,7 +331,7 @@ async fn resync_group<E: ChunkEngine>(
     server: &Arc<DataServer<E>>,
     g: pb::PlacementGroup,
     disk: &str,
-    full: Option<&pb::GroupSegments>,
+    segs: Option<&pb::GroupSegments>,
     rate: u64,
 ) -> anyhow::Result<ResyncStats> {
     let engine = server
@@ -326,7 +340,7 @@ async fn resync_group<E: ChunkEngine>(
         .context("disk not on this node")?;
     // Marking starts before the metadata service lets clients write here.
     server.syncing.begin(g.id);
-    let r = resync_marked(meta, server, &engine, g.clone(), disk, full, rate).await;
+    let r = resync_marked(meta, server, &engine, g.clone(), disk, segs, rate).await;
     server.syncing.end(g.id);
     r
 }
@@ -337,7 +351,7 @@ async fn resync_marked<E: ChunkEngine>(
     engine: &Arc<E>,
     g: pb::PlacementGroup,
     disk: &str,
-    full: Option<&pb::GroupSegments>,
+    segs: Option<&pb::GroupSegments>,
     rate: u64,
 ) -> anyhow::Result<ResyncStats> {
     let change = |begin: bool, g: &pb::PlacementGroup| {
@@ -395,9 +409,43 @@ async fn resync_marked<E: ChunkEngine>(
             }
         }
     }
+    // What this member itself knows it may have wrong: blocks in its own record (scrub puts
+    // the blocks it found bad there), and the blocks that differ from an active member's in
+    // the chunks of the group with writes here that never settled — a write that reached
+    // only this member and was never acknowledged (the minority side of a partition, a client
+    // that died) must not survive as a second version. Which blocks differ is asked of the
+    // first source by stored CRCs (after the barriers: its copy only changes by writes that
+    // also come here).
+    for (v, c, bits) in server.dirty.list(g.id) {
+        let e = dirty.entry((v, c)).or_default();
+        for (w, b) in e.iter_mut().zip(bits) {
+            *w |= b;
+        }
+    }
+    if let Some(seg) = segs {
+        let per = seg.segment_size / CHUNK_SIZE;
+        for (v, i) in seg.volumes.iter().zip(&seg.indexes) {
+            for c in server.activity.list(*v) {
+                if c / per != *i {
+                    continue;
+                }
+                let chunk = ChunkId {
+                    volume: *v,
+                    index: c,
+                };
+                let differ = differing_blocks(engine, &conns, &g, &sources[0], chunk)
+                    .await
+                    .context("comparing an unsettled chunk")?;
+                let e = dirty.entry((*v, c)).or_default();
+                for (w, b) in e.iter_mut().zip(differ) {
+                    *w |= b;
+                }
+            }
+        }
+    }
     // A replacement member has nothing yet: every chunk of the group's segments.
     let mine = g.members.iter().find(|m| m.disk_uuid == disk);
-    if let (Some(seg), true) = (full, mine.is_some_and(|m| m.full_copy)) {
+    if let (Some(seg), true) = (segs, mine.is_some_and(|m| m.full_copy)) {
         let per = seg.segment_size / CHUNK_SIZE;
         for (v, i) in seg.volumes.iter().zip(&seg.indexes) {
             dirty.extend((i * per..(i + 1) * per).map(|c| ((*v, c), [u64::MAX; BLOCKS / 64])));
@@ -445,6 +493,23 @@ async fn resync_marked<E: ChunkEngine>(
         }
     }
     Ok(stats)
+}
+
+/// The blocks of a chunk whose stored version here differs from `source`'s.
+async fn differing_blocks<E: ChunkEngine>(
+    engine: &Arc<E>,
+    conns: &Mutex<HashMap<String, Arc<DataClient>>>,
+    g: &pb::PlacementGroup,
+    source: &pb::GroupMember,
+    chunk: ChunkId,
+) -> anyhow::Result<BlockMap> {
+    let theirs = crate::scrub::peer_versions(conns, g, source, chunk).await?;
+    let mine = crate::scrub::stored_versions(engine.chunk_info(chunk)?);
+    let mut out = BlockMap::default();
+    for b in (0..BLOCKS).filter(|&b| mine[b] != theirs[b]) {
+        out[b / 64] |= 1 << (b % 64);
+    }
+    Ok(out)
 }
 
 /// Copies the `wanted` blocks of one chunk from the first source that can send them; blocks a

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -556,13 +558,31 @@ impl UpCluster {
     /// Starts a process again with the command `cairn up` recorded (and `env`), logging to
     /// the same file.
     pub fn respawn(&self, role: &str, id: u64, env: &[(&str, &str)]) -> KillOnDrop {
+        self.respawn_with(role, id, env, &[])
+    }
+
+    /// [`respawn`](Self::respawn) with flags changed: each `(flag, value)` replaces the
+    /// recorded value of `flag`, or is added.
+    pub fn respawn_with(
+        &self,
+        role: &str,
+        id: u64,
+        env: &[(&str, &str)],
+        flags: &[(&str, &str)],
+    ) -> KillOnDrop {
         let e = self.process(role, id);
-        let cmd: Vec<String> = e["command"]
+        let mut cmd: Vec<String> = e["command"]
             .as_array()
             .unwrap()
             .iter()
             .map(|s| s.as_str().unwrap().to_owned())
             .collect();
+        for (flag, value) in flags {
+            match cmd.iter().position(|a| a == flag) {
+                Some(i) => cmd[i + 1] = value.to_string(),
+                None => cmd.extend([flag.to_string(), value.to_string()]),
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(e["log"].as_str().unwrap())
@@ -593,4 +613,33 @@ impl UpCluster {
             .clone()
             .unwrap()
     }
+}
+
+/// Finds `needle` (one 4 KiB block) in a node's disk file, past its log region, once the
+/// node's in-place copy has landed; returns its byte offset.
+pub fn find_block(disk: &std::path::Path, needle: &[u8]) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    // 2 GiB disks: superblock area 1 MiB, then a 16 MiB log, then the chunk slots.
+    const DATA: u64 = 17 << 20;
+    for _ in 0..100 {
+        let mut f = std::fs::File::open(disk).unwrap();
+        f.seek(SeekFrom::Start(DATA)).unwrap();
+        let mut buf = vec![0u8; 64 << 20];
+        f.read_exact(&mut buf).unwrap();
+        if let Some(i) = buf.chunks(4096).position(|b| b == needle) {
+            return DATA + i as u64 * 4096;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("block not found in {}", disk.display());
+}
+
+/// Flips one byte of a node's copy of `block` in its disk file, behind the node's back.
+pub fn corrupt_block(disk: &std::path::Path, block: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let at = find_block(disk, block);
+    let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    f.seek(SeekFrom::Start(at + 100)).unwrap();
+    f.write_all(&[block[100] ^ 0xFF]).unwrap();
+    f.sync_all().unwrap();
 }

@@ -12,9 +12,10 @@
 //!   remaining members record the chunk for the missing one's resync ([`groups`]). Writes are
 //!   durable when acknowledged, so `flush` has nothing to wait for and FUA needs nothing
 //!   extra.
-//! - A read goes to an active member: the one on this host first, else the least loaded; a
-//!   member that answers with a checksum error (corrupt or torn block), an I/O error or not
-//!   at all is passed over for the next, and a member that had a bad copy is repaired from
+//! - A read goes to an active member: one answering quickly before a slow one ([`links`]),
+//!   then the one on this host, else the least loaded; a member that answers with a checksum
+//!   error (corrupt or torn block), an I/O error or not at all (within [`LINK_TIMEOUT`]) is
+//!   passed over for the next, and a member that had a bad copy is repaired from
 //!   the good one. A member catching up serves no reads.
 //! - A segment (1 GiB) gets its group on its first write; reads of a segment never written
 //!   are zeros, without asking anyone (this client holds the lease: nobody else writes).
@@ -34,13 +35,14 @@ use crate::data::client::{ClientError, DataClient};
 use crate::meta::{MetaClient, MetaClientError};
 
 mod groups;
+pub mod links;
 mod reconcile;
+
+pub use links::{LinkStats, LINK_TIMEOUT};
 
 /// The storage nodes' chunk size: requests are split at its boundaries.
 pub const CHUNK_SIZE: u64 = 4 << 20;
 pub const BLOCK_SIZE: u64 = 4096;
-/// A member that has not answered a request in this long is treated as failed.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -106,8 +108,8 @@ pub struct VolumeClient {
     generation: u64,
     segments: Mutex<HashMap<u64, Arc<Group>>>,
     conns: Mutex<HashMap<String, Arc<DataClient>>>,
-    /// Requests in flight per member address (for "least loaded").
-    load: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// Per member address: requests in flight, answer times, failures.
+    links: links::Links,
     fenced: AtomicBool,
     /// The lease renewer and the settler, stopped on detach.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -167,7 +169,7 @@ impl VolumeClient {
             generation: l.generation,
             segments: Mutex::new(segments),
             conns: Mutex::default(),
-            load: Mutex::default(),
+            links: Default::default(),
             fenced: AtomicBool::new(false),
             tasks: Mutex::default(),
             seq: AtomicU64::new(1),
@@ -184,6 +186,11 @@ impl VolumeClient {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The volume's id (as the storage nodes know it).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn size(&self) -> u64 {
@@ -406,13 +413,9 @@ impl VolumeClient {
             .clone())
     }
 
-    fn load_of(&self, addr: &str) -> Arc<AtomicU64> {
-        self.load
-            .lock()
-            .expect("load lock")
-            .entry(addr.to_owned())
-            .or_default()
-            .clone()
+    /// Each storage node link's statistics, as this client sees them.
+    pub fn links(&self) -> Vec<LinkStats> {
+        self.links.stats()
     }
 
     /// One request to one member; a broken connection is replaced and the request sent once
@@ -424,8 +427,10 @@ impl VolumeClient {
         payload: Bytes,
     ) -> Result<(dpb::Response, Bytes)> {
         req.disk = m.disk_uuid.clone();
-        let load = self.load_of(&m.data_addr);
-        load.fetch_add(1, Ordering::Relaxed);
+        let link = self.links.get(&m.data_addr);
+        link.start();
+        let started = std::time::Instant::now();
+        let mut outcome = links::Outcome::Failed;
         let mut result = Err(VolumeError::io("no attempt"));
         for _ in 0..2 {
             let c = match self.conn(&m.data_addr).await {
@@ -435,23 +440,24 @@ impl VolumeClient {
                     break;
                 }
             };
-            let answer =
-                tokio::time::timeout(REQUEST_TIMEOUT, c.call(req.clone(), payload.clone()));
+            let answer = tokio::time::timeout(LINK_TIMEOUT, c.call(req.clone(), payload.clone()));
             let answer = match answer.await {
                 Ok(a) => a,
                 Err(_) => {
                     // Stuck (a hung node, a partition): this connection is not reused.
                     self.conns.lock().expect("conns lock").remove(&m.data_addr);
+                    outcome = links::Outcome::TimedOut;
                     result = Err(VolumeError::io(format!(
                         "storage node {}: no answer in {} s",
                         m.data_addr,
-                        REQUEST_TIMEOUT.as_secs()
+                        LINK_TIMEOUT.as_secs()
                     )));
                     break;
                 }
             };
             match answer {
                 Ok(r) => {
+                    outcome = links::Outcome::Answered(started.elapsed());
                     result = Ok(r);
                     break;
                 }
@@ -471,7 +477,9 @@ impl VolumeClient {
                 }
             }
         }
-        load.fetch_sub(1, Ordering::Relaxed);
+        if link.finish(outcome) {
+            tracing::warn!(volume = %self.name, node = m.node_id, addr = %m.data_addr, "storage node answering slowly; reading from other members first");
+        }
         result
     }
 
@@ -493,14 +501,13 @@ impl VolumeClient {
         }
     }
 
-    /// Active members in the order reads try them: this host's first, then the least loaded.
+    /// Active members in the order reads try them: quick ones before slow ones, this host's
+    /// first, then the least loaded.
     fn read_order(&self, g: &Group) -> Vec<pb::GroupMember> {
         let mut ms = g.readers();
-        ms.sort_by_key(|m| {
-            (
-                m.host != self.host,
-                self.load_of(&m.data_addr).load(Ordering::Relaxed),
-            )
+        ms.sort_by_cached_key(|m| {
+            let l = self.links.get(&m.data_addr);
+            (l.slow(), m.host != self.host, l.inflight())
         });
         ms
     }

@@ -667,6 +667,9 @@ impl ChunkEngine for DiskEngine {
             chunk,
             mapped: m.mapped.0.to_vec(),
             mapped_blocks: m.mapped.count(),
+            crcs: (0..m.crcs.len())
+                .map(|b| if m.mapped.get(b) { m.crcs[b] } else { 0 })
+                .collect(),
         }))
     }
 

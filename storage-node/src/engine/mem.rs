@@ -111,6 +111,11 @@ impl ChunkEngine for MemEngine {
                 chunk,
                 mapped_blocks: bm.count(),
                 mapped: bm.0.to_vec(),
+                crcs: c
+                    .blocks
+                    .iter()
+                    .map(|b| b.as_ref().map_or(0, |(_, crc)| *crc))
+                    .collect(),
             }
         }))
     }

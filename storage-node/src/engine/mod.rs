@@ -88,6 +88,9 @@ pub struct ChunkInfo {
     /// One bit per block: mapped (written, not since discarded).
     pub mapped: Vec<u64>,
     pub mapped_blocks: usize,
+    /// The stored CRC32C of each block (0 for an unmapped one): what scrub compares between
+    /// replicas without reading data.
+    pub crcs: Vec<u32>,
 }
 
 /// Counters an engine keeps.

@@ -28,6 +28,7 @@ pub enum Command {
     },
     ChunkInfo,
     ChunkCopy,
+    BlockCrcs,
     /// Raise the group's epoch and wait for requests admitted under older ones.
     Barrier,
     DirtyList,
@@ -168,6 +169,10 @@ impl Request {
             pb::Op::ChunkCopy => {
                 no_payload()?;
                 Command::ChunkCopy
+            }
+            pb::Op::BlockCrcs => {
+                no_payload()?;
+                Command::BlockCrcs
             }
             pb::Op::ActivityList => {
                 no_payload()?;

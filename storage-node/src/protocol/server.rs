@@ -84,6 +84,8 @@ pub struct DataServer<E> {
     pub syncing: Syncing,
     /// Each disk's request service time.
     pub latency: Latency,
+    /// What the background scrub checked and found, per disk.
+    pub scrub: crate::scrub::Stats,
     /// False until the node has learned the current generations and epochs from the
     /// metadata service: a node back from a crash must not take a write from a client the
     /// cluster has since fenced or moved past.
@@ -243,7 +245,8 @@ impl<E: ChunkEngine> DataServer<E> {
         if !self.ready.load(Ordering::Acquire) {
             return fail(
                 pb::Status::Unavailable,
-                "this node is starting and has not yet heard from the metadata service".into(),
+                "this node has no current word from the metadata service (starting, or cut off)"
+                    .into(),
             );
         }
         // Mutating requests hold their group's gate while they run (a barrier waits for them);
@@ -375,6 +378,13 @@ impl<E: ChunkEngine> DataServer<E> {
             Command::ChunkInfo => e
                 .chunk_info(req.chunk)
                 .map(|i| (Some(i.map(|i| i.mapped).unwrap_or_default()), Bytes::new())),
+            Command::BlockCrcs => e.chunk_info(req.chunk).map(|i| match i {
+                None => (Some(vec![]), Bytes::new()),
+                Some(i) => {
+                    let crcs: Vec<u8> = i.crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
+                    (Some(i.mapped), Bytes::from(crcs))
+                }
+            }),
             Command::ChunkCopy => match e.chunk_info(req.chunk) {
                 Ok(None) => Ok((Some(vec![]), Bytes::new())),
                 Ok(Some(info)) => e
