@@ -1,11 +1,13 @@
-//! The thrash test: a verifying writer on a 3-replica volume while a chaos driver, with a
-//! printed seed, kills and restarts storage nodes and the metadata leader, and finally kills
+//! The thrash test: a verifying writer on a 3-replica volume (4 storage nodes, so a failed
+//! disk has somewhere to go) while a chaos driver, with a printed seed, kills and restarts
+//! storage nodes and the metadata leader, cuts a node off the network (every node is reached
+//! through fault proxies), fails a member's disk (EIO) or slows it down, and finally kills
 //! every process at once. No write may fail before the power loss; every acknowledged write
 //! (or one in flight over it) reads back at the end, every group is whole again, and the
 //! replicas are identical. It prints the faults injected, the longest write, and the bytes
 //! resynced against the bytes written while a member was away.
 //!
-//! CAIRN_THRASH_SECS sets how long the chaos runs (default 60; a soak: thousands);
+//! CAIRN_THRASH_SECS sets how long the chaos runs (default 90; a soak: thousands);
 //! CAIRN_THRASH_SEED replays a run.
 
 mod common;
@@ -17,9 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
+use common::proxy::FaultProxy;
 use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
+const NODES: u64 = 4;
 const WRITERS: u64 = 4;
 const REGION: u64 = 8 * MIB;
 
@@ -42,7 +46,13 @@ struct Chaos<'a> {
     /// Processes this test started again (killed at the power loss and at the end).
     restarted: HashMap<(String, u64), Child>,
     faults: Vec<String>,
+    /// Per storage node: the proxies it is reached through (data, then one per metadata
+    /// member), and the flags that send it through them.
+    links: HashMap<u64, NodeLinks>,
 }
+
+/// A storage node's proxies and the `(flag, value)`s that route it through them.
+type NodeLinks = (Vec<FaultProxy>, Vec<(String, String)>);
 
 impl Chaos<'_> {
     fn entry(&self, role: &str, id: u64) -> serde_json::Value {
@@ -68,19 +78,34 @@ impl Chaos<'_> {
     }
 
     fn start(&mut self, role: &str, id: u64) {
+        self.start_env(role, id, &[]);
+    }
+
+    /// Starts a process again with its recorded command (a storage node: through its
+    /// proxies) and `env`.
+    fn start_env(&mut self, role: &str, id: u64, env: &[(&str, &str)]) {
         let e = self.entry(role, id);
-        let cmd: Vec<String> = e["command"]
+        let mut cmd: Vec<String> = e["command"]
             .as_array()
             .unwrap()
             .iter()
             .map(|s| s.as_str().unwrap().to_owned())
             .collect();
+        if let (Some((_, flags)), "node") = (self.links.get(&id), role) {
+            for (flag, value) in flags {
+                match cmd.iter().position(|a| a == flag) {
+                    Some(i) => cmd[i + 1] = value.clone(),
+                    None => cmd.extend([flag.clone(), value.clone()]),
+                }
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(e["log"].as_str().unwrap())
             .unwrap();
         let child = Command::new(&cmd[0])
             .args(&cmd[1..])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -94,6 +119,26 @@ impl Chaos<'_> {
             .output()
             .unwrap();
         serde_json::from_slice(&o.stdout).unwrap_or_default()
+    }
+
+    /// Cuts a storage node off the network, or heals it.
+    fn cut(&self, node: u64, cut: bool) {
+        for p in &self.links[&node].0 {
+            if cut {
+                p.cut()
+            } else {
+                p.heal()
+            }
+        }
+    }
+
+    /// The storage nodes holding the volume's group now.
+    fn members(&self, rt: &tokio::runtime::Runtime) -> Vec<u64> {
+        let g = rt.block_on(self.c.first_group("th"));
+        g.members
+            .iter()
+            .map(|m| m.host.trim_start_matches("node-").parse().unwrap())
+            .collect()
     }
 
     /// Waits until every placement group is whole again.
@@ -115,7 +160,7 @@ fn thrash() {
     let secs: u64 = std::env::var("CAIRN_THRASH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(90);
     let seed: u64 = std::env::var("CAIRN_THRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -128,9 +173,59 @@ fn thrash() {
         });
     println!("thrash: seed {seed} (CAIRN_THRASH_SEED={seed} replays it), {secs} s of chaos");
     let mut rng = Rng(seed);
-    let mut c = UpCluster::start_with(&["--meta-replicas", "3"]);
+    let mut c = UpCluster::start_with(&["--meta-replicas", "3", "--nodes", "4"]);
     c.cairn(&["volume", "create", "th", "--size", "64M"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut chaos = Chaos {
+        c: &c,
+        restarted: HashMap::new(),
+        faults: Vec::new(),
+        links: HashMap::new(),
+    };
+    // Every storage node again, reached through proxies: its data port and its links to the
+    // metadata members. Cut off for more than 4 s, it stops serving.
+    for node in 1..=NODES {
+        let addr = chaos.entry("node", node)["addr"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut proxies = vec![rt.block_on(FaultProxy::start(addr.parse().unwrap()))];
+        for m in c.meta_addrs() {
+            proxies.push(rt.block_on(FaultProxy::start(m.parse().unwrap())));
+        }
+        let metas: Vec<String> = proxies[1..].iter().map(|p| p.addr.to_string()).collect();
+        let flags = vec![
+            ("--advertise".to_owned(), proxies[0].addr.to_string()),
+            ("--meta".to_owned(), metas.join(",")),
+            ("--fence-after-ms".to_owned(), "4000".to_owned()),
+        ];
+        chaos.links.insert(node, (proxies, flags));
+        chaos.kill("node", node);
+        std::thread::sleep(Duration::from_millis(200));
+        chaos.start("node", node);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = chaos.status();
+        let through = st["nodes"].as_array().is_some_and(|ns| {
+            ns.len() as u64 == NODES
+                && ns.iter().all(|n| {
+                    let host = n["host"].as_str().unwrap_or("");
+                    let id: u64 = host.trim_start_matches("node-").parse().unwrap_or(0);
+                    chaos.links.get(&id).is_some_and(|(p, _)| {
+                        n["data_addr"] == p[0].addr.to_string().as_str() && n["up"] == true
+                    })
+                })
+        });
+        if through {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes not up behind proxies: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let metas = c.meta_addrs();
     let attach = |force: bool| {
         let metas = metas.clone();
@@ -206,33 +301,87 @@ fn thrash() {
         }));
     }
 
-    let mut chaos = Chaos {
-        c: &c,
-        restarted: HashMap::new(),
-        faults: Vec::new(),
-    };
     let mut away_bytes = 0u64;
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(500 + rng.next() % 1500));
-        if rng.next().is_multiple_of(3) {
-            // The metadata leader, killed and started again.
-            let leader = chaos.status()["leader_id"].as_u64().unwrap_or(1);
-            chaos.faults.push(format!("kill metadata leader {leader}"));
-            chaos.kill("meta", leader);
-            std::thread::sleep(Duration::from_millis(1000 + rng.next() % 2000));
-            chaos.start("meta", leader);
-        } else {
-            // A storage node, down for a while, then back; the next fault waits for it to
-            // rejoin (two members out would leave fewer than min_replicas).
-            let node = 1 + rng.next() % 3;
-            chaos.faults.push(format!("kill storage node {node}"));
-            let before = written.load(Ordering::Relaxed);
-            chaos.kill("node", node);
-            std::thread::sleep(Duration::from_millis(1000 + rng.next() % 3000));
-            away_bytes += written.load(Ordering::Relaxed) - before;
-            chaos.start("node", node);
-            chaos.wait_whole(Duration::from_secs(90));
+        match rng.next() % 9 {
+            0..=1 => {
+                // The metadata leader, killed and started again.
+                let leader = chaos.status()["leader_id"].as_u64().unwrap_or(1);
+                chaos.faults.push(format!("kill metadata leader {leader}"));
+                chaos.kill("meta", leader);
+                std::thread::sleep(Duration::from_millis(1000 + rng.next() % 2000));
+                chaos.start("meta", leader);
+            }
+            2..=4 => {
+                // A storage node, down for a while, then back; the next fault waits for it
+                // to rejoin (two members out would leave fewer than min_replicas).
+                let node = 1 + rng.next() % NODES;
+                chaos.faults.push(format!("kill storage node {node}"));
+                let before = written.load(Ordering::Relaxed);
+                chaos.kill("node", node);
+                std::thread::sleep(Duration::from_millis(1000 + rng.next() % 3000));
+                away_bytes += written.load(Ordering::Relaxed) - before;
+                chaos.start("node", node);
+                chaos.wait_whole(Duration::from_secs(90));
+            }
+            5..=6 => {
+                // A member cut off the network (silent: no resets), then healed.
+                let ms = chaos.members(&rt);
+                let node = ms[(rng.next() % ms.len() as u64) as usize];
+                let cut_ms = 1000 + rng.next() % 7000;
+                chaos
+                    .faults
+                    .push(format!("partition storage node {node} for {cut_ms} ms"));
+                let before = written.load(Ordering::Relaxed);
+                chaos.cut(node, true);
+                std::thread::sleep(Duration::from_millis(cut_ms));
+                away_bytes += written.load(Ordering::Relaxed) - before;
+                chaos.cut(node, false);
+                chaos.wait_whole(Duration::from_secs(90));
+            }
+            7 => {
+                // A member's disk starts failing writes (EIO): it is isolated and the group
+                // gets a new member on the spare node. Then the node is repaired (restarted
+                // with a good disk) and is the spare.
+                let ms = chaos.members(&rt);
+                let node = ms[(rng.next() % ms.len() as u64) as usize];
+                chaos
+                    .faults
+                    .push(format!("disk EIO on storage node {node}"));
+                chaos.kill("node", node);
+                chaos.start_env("node", node, &[("FAILPOINTS", "disk-write-error=return")]);
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while chaos.members(&rt).contains(&node) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "seed {seed}: the failing disk was not replaced"
+                    );
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                chaos.wait_whole(Duration::from_secs(90));
+                chaos.kill("node", node);
+                chaos.start("node", node);
+            }
+            _ => {
+                // A member's disk turns slow (+30 ms a write) for a while.
+                let ms = chaos.members(&rt);
+                let node = ms[(rng.next() % ms.len() as u64) as usize];
+                chaos
+                    .faults
+                    .push(format!("slow disk on storage node {node}"));
+                chaos.kill("node", node);
+                chaos.start_env(
+                    "node",
+                    node,
+                    &[("FAILPOINTS", "disk-write-delay=sleep(30)")],
+                );
+                std::thread::sleep(Duration::from_millis(2000 + rng.next() % 3000));
+                chaos.kill("node", node);
+                chaos.start("node", node);
+                chaos.wait_whole(Duration::from_secs(90));
+            }
         }
         let f = failures.lock().unwrap().clone();
         assert!(
@@ -276,6 +425,7 @@ fn thrash() {
         c: &c,
         restarted: HashMap::new(),
         faults,
+        links: HashMap::new(),
     };
     chaos.wait_whole(Duration::from_secs(90));
     drop(vc);
@@ -297,7 +447,7 @@ fn thrash() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .flat_map(|t| {
             t.lines()
-                .filter(|l| l.contains("resync finished"))
+                .filter(|l| l.contains("resync finished") && !l.contains("full_copy=true"))
                 .filter_map(|l| l.split(" bytes=").nth(1))
                 .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
                 .collect::<Vec<_>>()
@@ -309,7 +459,7 @@ fn thrash() {
         chaos.faults
     );
     println!(
-        "thrash: longest write {} ms; {} acknowledged blocks verified; resynced {} KiB for {} KiB written while a member was away",
+        "thrash: longest write {} ms; {} acknowledged blocks verified; resynced {} KiB (members back, not new ones' full copies) for {} KiB written while a member was away",
         longest_us.load(Ordering::Relaxed) / 1000,
         truth.len(),
         resynced / 1024,

@@ -158,6 +158,27 @@ impl MetaClient {
         }
     }
 
+    /// Whether any member answers within `within` and knows a leader: the metadata service is
+    /// working (perhaps electing a new leader) and reachable from here. A member cut off with
+    /// a minority soon knows no leader.
+    pub async fn reachable(&self, within: Duration) -> bool {
+        let probes = self.members.iter().map(|(_, ch)| {
+            let mut c = MetadataClient::new(ch.clone());
+            async move {
+                let r = tokio::time::timeout(
+                    within,
+                    c.member_status(cairn_proto::metadata::MemberStatusRequest {}),
+                )
+                .await;
+                matches!(r, Ok(Ok(s)) if s.get_ref().leader_id != 0)
+            }
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .any(|x| x)
+    }
+
     fn channel_for(&self, addr: &str) -> Result<Channel, MetaClientError> {
         match self.members.iter().find(|(a, _)| a == addr) {
             Some((_, ch)) => Ok(ch.clone()),

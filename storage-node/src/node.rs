@@ -153,7 +153,7 @@ impl Node {
             let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
             let (id_tx, id_rx) = tokio::sync::watch::channel(None);
             tasks.push(tokio::spawn(heartbeat_loop(
-                client,
+                (client, MetaClient::new(&cfg.meta)?),
                 cfg.clone(),
                 node_uuid.clone(),
                 advertise,
@@ -235,9 +235,10 @@ fn disk_report(
 }
 
 /// Registers (idempotent on the node's uuid), then heartbeats; registers again if the
-/// metadata service no longer knows the node.
+/// metadata service no longer knows the node. `probe` asks the members directly when the
+/// heartbeats go unanswered ([`fence_when_cut_off`]).
 async fn heartbeat_loop(
-    client: MetaClient,
+    (client, probe): (MetaClient, MetaClient),
     cfg: NodeConfig,
     uuid: String,
     advertise: String,
@@ -248,6 +249,7 @@ async fn heartbeat_loop(
     let mut node_id = None;
     let link = Arc::new(Link::default());
     let watchdog = tokio::spawn(fence_when_cut_off(
+        probe,
         link.clone(),
         server.clone(),
         cfg.fence_after,
@@ -384,24 +386,41 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Stops serving when the metadata service has not answered for `after` (DESIGN.md §6,
-/// partition: the minority side stops accepting writes). Cut off, the node cannot learn that
-/// clients moved its groups on without it or that a volume was taken over; a write it took
-/// then could only ever reach it, never be acknowledged, and would have to be undone. The
-/// next answered heartbeat brings the marks up to date and the node serves again.
-async fn fence_when_cut_off(link: Arc<Link>, server: Arc<DataServer<DiskEngine>>, after: Duration) {
+/// Stops serving when, for `after`, no heartbeat was answered and no metadata member that
+/// knows a leader could be reached (DESIGN.md §6, partition: the minority side stops
+/// accepting writes). Cut off, the node cannot learn that clients moved its groups on
+/// without it or that a volume was taken over; a write it took then could only ever reach it
+/// and would have to be undone. A leader election alone does not stop it: the other members
+/// still answer. The next answered heartbeat brings the marks up to date and the node serves
+/// again.
+async fn fence_when_cut_off(
+    meta: MetaClient,
+    link: Arc<Link>,
+    server: Arc<DataServer<DiskEngine>>,
+    after: Duration,
+) {
     if after.is_zero() {
         return;
     }
+    let mut reached = Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Some(silent) = link.silent_for() {
-            if silent >= after && server.ready.swap(false, Ordering::AcqRel) {
-                tracing::error!(
-                    silent_ms = silent.as_millis() as u64,
-                    "no answer from the metadata service: this node may be cut off from the cluster; refusing requests until it answers"
-                );
-            }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(silent) = link.silent_for() else {
+            continue; // not registered yet: not serving anyway
+        };
+        if silent < Duration::from_secs(2).min(after / 2) {
+            reached = Instant::now();
+            continue;
+        }
+        if meta.reachable(Duration::from_secs(1)).await {
+            reached = Instant::now();
+        }
+        let cut_off = silent.min(reached.elapsed());
+        if cut_off >= after && server.ready.swap(false, Ordering::AcqRel) {
+            tracing::error!(
+                silent_ms = silent.as_millis() as u64,
+                "no answer from the metadata service: this node may be cut off from the cluster; refusing requests until it answers"
+            );
         }
     }
 }

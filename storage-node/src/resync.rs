@@ -254,10 +254,12 @@ pub async fn resync_loop<E: ChunkEngine>(
             for disk in mine {
                 let started = Instant::now();
                 let segs = segments.iter().find(|s| s.group == g.id);
+                let full = g.members.iter().any(|m| m.disk_uuid == disk && m.full_copy);
                 match resync_group(&meta, &server, g.clone(), &disk, segs, rate).await {
                     Ok(s) => tracing::info!(
                         group = g.id,
                         disk = %disk,
+                        full_copy = full,
                         chunks = s.chunks,
                         bytes = s.bytes,
                         ms = started.elapsed().as_millis() as u64,
