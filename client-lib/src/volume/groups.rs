@@ -151,9 +151,21 @@ impl VolumeClient {
             for (m, e) in failed {
                 let was_active = state(m) == pb::MemberState::Active;
                 let why = format!("{} {}: {e}", op.as_str_name(), m.data_addr);
-                g = self.report_failure(&g, m, &why).await.map_err(|re| {
-                    VolumeError::io(format!("{why}; the member cannot be taken out: {re}"))
-                })?;
+                g = match self.report_failure(&g, m, &why).await {
+                    Ok(now) => now,
+                    Err(re) => {
+                        // Refused: the membership may have moved on meanwhile (the member
+                        // replaced, say), or taking it out would leave too few copies.
+                        let now = self.refresh_group(g.id).await?;
+                        if now.epoch == g.epoch {
+                            return Err(VolumeError::io(format!(
+                                "{why}; the member cannot be taken out: {re}"
+                            )));
+                        }
+                        again = true;
+                        now
+                    }
+                };
                 // An active member that missed the request: send it again to the group as it
                 // is now (marked degraded). A member catching up that missed it goes back to
                 // stale, and its resync will copy the chunk.
