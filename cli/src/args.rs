@@ -30,6 +30,9 @@ pub enum Command {
     },
     /// The cluster at a glance: metadata members, storage nodes, capacity.
     Status,
+    /// Measure a volume through the client library: 4K random and 1M sequential jobs, with
+    /// IOPS, bandwidth and latency percentiles. Overwrites the volume's first --size bytes.
+    Bench(BenchArgs),
     /// Run and manage metadata members.
     Meta {
         #[command(subcommand)]
@@ -209,6 +212,21 @@ pub struct UpArgs {
     /// `--node-arg=--scrub-every-s=3600`; repeatable.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The volume to measure (it is attached for the run, then released).
+    pub volume: String,
+    /// Seconds per job.
+    #[arg(long, default_value_t = 10)]
+    pub runtime: u64,
+    /// How much of the volume the jobs cover (written first), e.g. 1G.
+    #[arg(long, default_value = "1G", value_parser = cairn_proto::parse_size)]
+    pub size: u64,
+    /// Go ahead even if the volume holds data (the benchmark overwrites it).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 fn parse_replicas(s: &str) -> Result<u64, String> {

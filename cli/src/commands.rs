@@ -42,6 +42,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: VhostCommand::Serve(a),
         } => crate::gateway::vhost_serve(a, &meta_addrs(&cli.meta)?).await,
         Command::Debug { command } => crate::gateway::debug(command, &meta_addrs(&cli.meta)?).await,
+        Command::Bench(a) => crate::bench::run(a, &meta_addrs(&cli.meta)?, &out).await,
         Command::Status => {
             let client = MetaClient::new(&meta_addrs(&cli.meta)?)?;
             let s = client

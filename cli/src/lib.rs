@@ -4,12 +4,14 @@
 //! - [`commands`]: volume, status and member commands (thin calls to `cairn_client`).
 //! - [`gateway`]: `cairn nbd serve` and `cairn debug read-replica`, on `cairn_client`.
 //! - [`up`]: `cairn up`, the local cluster supervisor, and `cluster.json`.
+//! - [`bench`]: `cairn bench VOLUME`, fio-like jobs through the client library.
 //! - [`output`]: aligned tables and `--json`.
 //!
 //! Contract: every user error is one clear `error:` line on stderr and a non-zero exit; `--json`
 //! prints machine-readable output on stdout.
 
 pub mod args;
+pub mod bench;
 pub mod commands;
 pub mod gateway;
 pub mod output;

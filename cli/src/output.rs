@@ -20,7 +20,7 @@ pub fn error_line(e: &anyhow::Error) -> String {
     format!("{e:#}")
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING);
     t.set_header(header.to_vec());
