@@ -248,6 +248,11 @@ impl Printer {
                 "allocated_bytes": s.allocated_bytes, "groups": s.groups,
                 "degraded_groups": s.degraded_groups, "stale_members": s.stale_members,
                 "syncing_members": s.syncing_members,
+                "resyncs": s.resyncs.iter().map(|r| json!({
+                    "group": r.group, "node_id": r.node_id, "disk_uuid": r.disk_uuid,
+                    "full_copy": r.full_copy, "chunks_total": r.chunks_total,
+                    "chunks_done": r.chunks_done, "bytes_copied": r.bytes_copied,
+                })).collect::<Vec<_>>(),
             }));
         }
         let leader = s
@@ -275,6 +280,21 @@ impl Printer {
             );
         } else if s.groups > 0 {
             println!("redundancy: every placement group whole");
+        }
+        for r in &s.resyncs {
+            println!(
+                "  group {}: node {} {} — {}/{} chunks, {} copied",
+                r.group,
+                r.node_id,
+                if r.full_copy {
+                    "filling a new member"
+                } else {
+                    "catching up"
+                },
+                r.chunks_done,
+                r.chunks_total,
+                format_size(r.bytes_copied)
+            );
         }
         if s.nodes.is_empty() {
             println!("storage nodes: none registered");

@@ -56,6 +56,8 @@ pub(crate) struct Liveness {
     /// The node's own view of the link: heartbeat round trip (moving average) and failures.
     rtt_us: u64,
     failures: u64,
+    /// The resyncs running on the node.
+    resyncs: Vec<pb::ResyncProgress>,
     /// Gaps between consecutive heartbeats received in the last minute (when, how long).
     gaps: std::collections::VecDeque<(Instant, Duration)>,
 }
@@ -70,12 +72,13 @@ impl Liveness {
             disks: HashMap::new(),
             rtt_us: 0,
             failures: 0,
+            resyncs: Vec::new(),
             gaps: Default::default(),
         }
     }
 
     /// A heartbeat arrived now.
-    fn heard(&mut self, disks: HashMap<String, pb::Disk>, rtt_us: u64, failures: u64) {
+    fn heard(&mut self, disks: HashMap<String, pb::Disk>, r: &pb::HeartbeatRequest) {
         let now = Instant::now();
         self.gaps.push_back((now, now - self.at));
         while self
@@ -87,8 +90,9 @@ impl Liveness {
         }
         self.at = now;
         self.disks = disks;
-        self.rtt_us = rtt_us;
-        self.failures = failures;
+        self.rtt_us = r.rtt_us;
+        self.failures = r.failures;
+        self.resyncs = r.resyncs.clone();
     }
 
     fn longest_gap(&self) -> Duration {
@@ -292,7 +296,7 @@ impl Metadata for MetaService {
             .iter()
             .map(|d| (d.uuid.clone(), d.clone()))
             .collect();
-        let reported = disks(r.disks)?;
+        let reported = disks(r.disks.clone())?;
         let known = self
             .read(|s| {
                 s.nodes
@@ -308,7 +312,7 @@ impl Metadata for MetaService {
             .expect("liveness lock")
             .entry(r.node_id)
             .or_insert_with(Liveness::new)
-            .heard(counters, r.rtt_us, r.failures);
+            .heard(counters, &r);
         // Only a change of the disk set or of health goes through raft.
         let changed = known.len() != reported.len()
             || known
@@ -631,10 +635,17 @@ impl Metadata for MetaService {
                     degraded_groups: s.groups.values().filter(|g| !g.whole()).count() as u64,
                     stale_members: member_count(s, crate::membership::MemberState::Stale),
                     syncing_members: member_count(s, crate::membership::MemberState::Syncing),
+                    resyncs: vec![],
                 }
             })
             .await?;
         resp.members = self.members();
+        resp.resyncs = liveness
+            .values()
+            .filter(|l| l.at.elapsed() < down_after)
+            .flat_map(|l| l.resyncs.iter().cloned())
+            .collect();
+        resp.resyncs.sort_by_key(|r| (r.group, r.node_id));
         Ok(Response::new(resp))
     }
 

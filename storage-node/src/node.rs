@@ -137,6 +137,7 @@ impl Node {
             ready: AtomicBool::new(cfg.meta.is_empty()),
             latency: Default::default(),
             scrub: Default::default(),
+            progress: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -286,15 +287,22 @@ async fn heartbeat_loop(
             Some(id) => {
                 let sent = Instant::now();
                 let (rtt_us, failures) = link.stats();
+                let resyncs: Vec<pb::ResyncProgress> = server
+                    .progress
+                    .snapshot()
+                    .into_iter()
+                    .map(|p| pb::ResyncProgress { node_id: id, ..p })
+                    .collect();
                 let r = client
                     .call(|mut c| {
-                        let disks = disks.clone();
+                        let (disks, resyncs) = (disks.clone(), resyncs.clone());
                         async move {
                             c.heartbeat(pb::HeartbeatRequest {
                                 node_id: id,
                                 disks,
                                 rtt_us,
                                 failures,
+                                resyncs,
                             })
                             .await
                         }

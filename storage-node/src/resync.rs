@@ -210,6 +210,40 @@ pub struct ResyncStats {
     pub bytes: u64,
 }
 
+/// The resyncs running on this node, for the heartbeat (`cairn status` shows them).
+#[derive(Debug, Default)]
+pub struct Progress(Mutex<BTreeMap<(u64, String), pb::ResyncProgress>>);
+
+impl Progress {
+    pub fn snapshot(&self) -> Vec<pb::ResyncProgress> {
+        self.0
+            .lock()
+            .expect("progress lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn update(&self, group: u64, disk: &str, f: impl FnOnce(&mut pb::ResyncProgress)) {
+        let mut m = self.0.lock().expect("progress lock");
+        let e = m
+            .entry((group, disk.to_owned()))
+            .or_insert_with(|| pb::ResyncProgress {
+                group,
+                disk_uuid: disk.to_owned(),
+                ..Default::default()
+            });
+        f(e);
+    }
+
+    fn end(&self, group: u64, disk: &str) {
+        self.0
+            .lock()
+            .expect("progress lock")
+            .remove(&(group, disk.to_owned()));
+    }
+}
+
 /// Asks the metadata service every `every` which of this node's group memberships are out of
 /// date, and brings each up to date. `node_id` is filled in once the node has registered.
 pub async fn resync_loop<E: ChunkEngine>(
@@ -344,6 +378,7 @@ async fn resync_group<E: ChunkEngine>(
     server.syncing.begin(g.id);
     let r = resync_marked(meta, server, &engine, g.clone(), disk, segs, rate).await;
     server.syncing.end(g.id);
+    server.progress.end(g.id, disk);
     r
 }
 
@@ -455,6 +490,12 @@ async fn resync_marked<E: ChunkEngine>(
     }
     let mut stats = ResyncStats::default();
     let started = Instant::now();
+    let full = mine.is_some_and(|m| m.full_copy);
+    let total = dirty.len() as u64;
+    server.progress.update(g.id, disk, |p| {
+        p.chunks_total = total;
+        p.full_copy = full;
+    });
     let mut copies = futures::stream::iter(dirty.into_iter().map(|((volume, index), blocks)| {
         let chunk = ChunkId { volume, index };
         copy_chunk(server, engine, &conns, &g, &sources, chunk, blocks)
@@ -466,6 +507,10 @@ async fn resync_marked<E: ChunkEngine>(
             stats.chunks += 1;
             stats.bytes += bytes;
         }
+        server.progress.update(g.id, disk, |p| {
+            p.chunks_done += 1;
+            p.bytes_copied += bytes;
+        });
         // Throttled against client I/O: at most `rate` bytes a second on average.
         if rate > 0 {
             let due = Duration::from_secs_f64(stats.bytes as f64 / rate as f64);
@@ -705,6 +750,31 @@ mod tests {
         };
         assert_eq!(keys(d.list(7)), vec![]);
         assert_eq!(keys(d.list(8)), vec![(1, 4)]);
+    }
+
+    #[test]
+    fn progress_is_reported_while_a_resync_runs() {
+        let p = Progress::default();
+        p.update(6, "disk-a", |x| x.chunks_total = 3);
+        p.update(6, "disk-a", |x| {
+            x.chunks_done += 1;
+            x.bytes_copied += 4096
+        });
+        p.update(7, "disk-b", |x| x.full_copy = true);
+        let s = p.snapshot();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (
+                s[0].group,
+                s[0].chunks_total,
+                s[0].chunks_done,
+                s[0].bytes_copied
+            ),
+            (6, 3, 1, 4096)
+        );
+        assert!(s[1].full_copy);
+        p.end(6, "disk-a");
+        assert_eq!(p.snapshot().len(), 1);
     }
 
     #[test]

@@ -42,6 +42,7 @@ async fn node() -> Node {
         ready: AtomicBool::new(true),
         latency: Default::default(),
         scrub: Default::default(),
+        progress: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();

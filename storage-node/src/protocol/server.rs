@@ -86,6 +86,8 @@ pub struct DataServer<E> {
     pub latency: Latency,
     /// What the background scrub checked and found, per disk.
     pub scrub: crate::scrub::Stats,
+    /// The resyncs running here.
+    pub progress: crate::resync::Progress,
     /// False until the node has learned the current generations and epochs from the
     /// metadata service: a node back from a crash must not take a write from a client the
     /// cluster has since fenced or moved past.
