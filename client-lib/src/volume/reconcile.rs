@@ -2,13 +2,20 @@
 //! flight when the previous holder died may have reached some members of its group and not
 //! others. Every member keeps an activity record of the chunks with writes that may not have
 //! reached everyone; this client settles chunks once its writes to them completed on every
-//! member, and on attach — after the barrier that fences the previous holder — copies each
-//! chunk still in any member's record from an active member to the others, before any I/O.
+//! member and no write reached them for [`SETTLE_IDLE`], and on attach — after the barrier
+//! that fences the previous holder — compares each chunk still in any member's record by its
+//! blocks' stored CRCs and copies the blocks that differ from an active member to the others,
+//! before any I/O.
+//!
+//! A chunk stays in the record while it is being written (DRBD keeps its hot extents in the
+//! activity log the same way): entering the record costs a synced RocksDB write on every
+//! member, and settling a chunk that is written again a moment later would make random
+//! writes pay it again and again.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_proto::data as dpb;
@@ -18,6 +25,8 @@ use super::{Group, Result, VolumeClient, VolumeError, BLOCK_SIZE, CHUNK_SIZE};
 
 /// How often completed writes are settled on the nodes.
 pub const SETTLE_EVERY: Duration = Duration::from_secs(1);
+/// A chunk is settled once no write reached it for this long.
+pub const SETTLE_IDLE: Duration = Duration::from_secs(10);
 /// Most chunks named by one settle request (the nodes' limit).
 const MAX_SETTLE: usize = 4096;
 
@@ -25,10 +34,12 @@ const MAX_SETTLE: usize = 4096;
 type Settled = Vec<(u64, u64)>;
 
 /// This client's writes to one chunk not yet settled.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct ChunkActivity {
     inflight: u32,
     max_seq: u64,
+    /// When the last write to the chunk began.
+    last: Instant,
     /// A write failed: the chunk may differ between members until the next attach
     /// reconciles it, so it is never settled.
     failed: bool,
@@ -63,9 +74,15 @@ impl VolumeClient {
     pub(super) fn begin_write(&self, chunk: u64) -> WriteTicket<'_> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut a = self.active.lock().expect("active lock");
-        let c = a.entry(chunk).or_default();
+        let c = a.entry(chunk).or_insert(ChunkActivity {
+            inflight: 0,
+            max_seq: 0,
+            last: Instant::now(),
+            failed: false,
+        });
         c.inflight += 1;
         c.max_seq = c.max_seq.max(seq);
+        c.last = Instant::now();
         WriteTicket {
             vc: self,
             chunk,
@@ -80,7 +97,7 @@ impl VolumeClient {
             let mut a = self.active.lock().expect("active lock");
             let mut out = Vec::new();
             a.retain(|chunk, c| {
-                if c.inflight == 0 && !c.failed {
+                if c.inflight == 0 && !c.failed && c.last.elapsed() >= SETTLE_IDLE {
                     out.push((*chunk, c.max_seq));
                     false
                 } else {
@@ -179,51 +196,66 @@ impl VolumeClient {
         Ok(())
     }
 
-    /// Copies one chunk from the first active member that sends it to every other writer.
+    /// Makes one chunk equal on every writer of `g`: each member's stored block CRCs are
+    /// compared with those of the first active member that answers, and the blocks that
+    /// differ are copied from it (written, or discarded where it has none). Nothing else
+    /// writes meanwhile: this client holds the lease and has not started its I/O.
     async fn reconcile_chunk(&self, g: &Group, chunk: u64) -> Result<()> {
-        let mut image = None;
-        for m in g.readers() {
-            let req = self.request(dpb::Op::ChunkCopy, g, chunk, 0, 0);
-            if let Ok((r, data)) = self.call(&m, req, Bytes::new()).await {
-                match self.check(&r) {
-                    Err(e @ (VolumeError::Fenced { .. } | VolumeError::StaleEpoch)) => {
-                        return Err(e)
-                    }
-                    Ok(()) if data.is_empty() || crc32c::crc32c(&data) == r.payload_crc => {
-                        image = Some((m, r.mapped, data));
-                        break;
-                    }
-                    _ => {}
-                }
+        let writers = g.writers();
+        let mut versions = Vec::new();
+        for m in &writers {
+            let req = self.request(dpb::Op::BlockCrcs, g, chunk, 0, 0);
+            match self
+                .call(m, req, Bytes::new())
+                .await
+                .and_then(|(r, d)| self.check(&r).map(|()| (r.mapped, d)))
+            {
+                Ok(v) => versions.push(Some(block_versions(&v.0, &v.1))),
+                Err(e @ (VolumeError::Fenced { .. } | VolumeError::StaleEpoch)) => return Err(e),
+                Err(_) => versions.push(None),
             }
         }
-        let (source, mapped, data) = image.ok_or_else(|| {
-            VolumeError::io(format!(
-                "chunk {chunk}: no active member could send its copy"
-            ))
-        })?;
-        let blocks = (CHUNK_SIZE / BLOCK_SIZE) as usize;
-        let present = |b: usize| {
-            !data.is_empty() && mapped.get(b / 64).is_some_and(|w| w & (1 << (b % 64)) != 0)
+        let active = |m: &super::pb::GroupMember| m.state == super::pb::MemberState::Active as i32;
+        let Some(src) = (0..writers.len()).find(|&i| active(&writers[i]) && versions[i].is_some())
+        else {
+            return Err(VolumeError::io(format!(
+                "chunk {chunk}: no active member could list its copy"
+            )));
         };
-        for m in g
-            .writers()
-            .iter()
-            .filter(|m| m.disk_uuid != source.disk_uuid)
-        {
+        let theirs = versions[src].clone().expect("found above");
+        let blocks = (CHUNK_SIZE / BLOCK_SIZE) as usize;
+        for (i, m) in writers.iter().enumerate() {
+            if i == src {
+                continue;
+            }
+            // A member that could not list its copy gets every block.
+            let differs: Vec<bool> = match &versions[i] {
+                Some(v) => (0..blocks).map(|b| v[b] != theirs[b]).collect(),
+                None => vec![true; blocks],
+            };
             let mut b = 0;
             while b < blocks {
-                let p = present(b);
+                if !differs[b] {
+                    b += 1;
+                    continue;
+                }
+                let present = theirs[b].is_some();
                 let mut end = b + 1;
-                while end < blocks && present(end) == p {
+                while end < blocks && differs[end] && theirs[end].is_some() == present {
                     end += 1;
                 }
                 let (off, len) = (b as u64 * BLOCK_SIZE, (end - b) as u64 * BLOCK_SIZE);
-                let (op, payload) = if p {
-                    (
-                        dpb::Op::Write,
-                        data.slice(off as usize..(off + len) as usize),
-                    )
+                let (op, payload) = if present {
+                    let req = self.request(dpb::Op::Read, g, chunk, off, len);
+                    let (r, data) = self.call(&writers[src], req, Bytes::new()).await?;
+                    self.check(&r)?;
+                    if data.len() as u64 != len || crc32c::crc32c(&data) != r.payload_crc {
+                        return Err(VolumeError::io(format!(
+                            "chunk {chunk}: node {} sent a damaged copy",
+                            writers[src].node_id
+                        )));
+                    }
+                    (dpb::Op::Write, data)
                 } else {
                     (dpb::Op::Discard, Bytes::new())
                 };
@@ -243,6 +275,24 @@ impl VolumeClient {
         }
         Ok(())
     }
+}
+
+/// Each block's stored version from an OP_BLOCK_CRCS answer: its CRC if mapped, else none.
+fn block_versions(mapped: &[u64], crcs: &[u8]) -> Vec<Option<u32>> {
+    let blocks = (CHUNK_SIZE / BLOCK_SIZE) as usize;
+    (0..blocks)
+        .map(|b| {
+            let on = mapped.get(b / 64).is_some_and(|w| w & (1 << (b % 64)) != 0);
+            let crc = crcs
+                .get(b * 4..b * 4 + 4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")));
+            if on {
+                Some(crc.unwrap_or(0))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// Settles completed writes every `every` while the client lives.

@@ -667,8 +667,16 @@ impl ChunkEngine for DiskEngine {
             chunk,
             mapped: m.mapped.0.to_vec(),
             mapped_blocks: m.mapped.count(),
+            // A torn block holds neither version: its CRC is reported as 0, so a comparison
+            // with a healthy replica finds it different and copies it.
             crcs: (0..m.crcs.len())
-                .map(|b| if m.mapped.get(b) { m.crcs[b] } else { 0 })
+                .map(|b| {
+                    if m.mapped.get(b) && !m.torn.get(b) {
+                        m.crcs[b]
+                    } else {
+                        0
+                    }
+                })
                 .collect(),
         }))
     }
