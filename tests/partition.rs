@@ -56,31 +56,6 @@ async fn lone_write(
     c.call(req, data).await.unwrap().0
 }
 
-/// One member's copy of a chunk.
-async fn read_direct(
-    vc: &VolumeClient,
-    g: &pb::PlacementGroup,
-    m: &pb::GroupMember,
-    chunk: u64,
-) -> Bytes {
-    let req = dpb::Request {
-        op: dpb::Op::Read as i32,
-        volume: vc.id(),
-        chunk,
-        offset: 0,
-        length: CHUNK,
-        generation: vc.generation(),
-        group: g.id,
-        epoch: g.epoch,
-        disk: m.disk_uuid.clone(),
-        ..Default::default()
-    };
-    let c = DataClient::connect(&m.data_addr).await.unwrap();
-    let (r, data) = c.call(req, Bytes::new()).await.unwrap();
-    assert_eq!(r.status, dpb::Status::Ok as i32, "{}: {r:?}", m.host);
-    data
-}
-
 #[test]
 fn a_cut_off_node_is_fenced_and_heals_by_resync() {
     let c = UpCluster::start();
@@ -260,7 +235,11 @@ fn a_cut_off_node_is_fenced_and_heals_by_resync() {
         for m in &g.members {
             let mut copy = Vec::new();
             for chunk in 0..4 {
-                copy.extend_from_slice(&read_direct(&vc, &g, m, chunk).await);
+                copy.extend_from_slice(
+                    &common::read_member(vc.id(), vc.generation(), &g, m, chunk, 0, CHUNK)
+                        .await
+                        .unwrap(),
+                );
             }
             for (off, v) in &acked {
                 let at = *off as usize;

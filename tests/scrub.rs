@@ -13,6 +13,8 @@ use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::data as dpb;
 use common::UpCluster;
 
+const CHUNK: u64 = 4 << 20;
+
 fn block(seed: u32) -> Bytes {
     Bytes::from(
         (0..4096u32)
@@ -45,7 +47,7 @@ async fn scrub_finds_and_repairs_corrupt_and_divergent_replicas() {
     let req = dpb::Request {
         op: dpb::Op::Write as i32,
         volume: vc.id(),
-        chunk: at_b / (4 << 20),
+        chunk: at_b / CHUNK,
         offset: 0,
         length: 4096,
         generation: vc.generation(),
@@ -58,6 +60,7 @@ async fn scrub_finds_and_repairs_corrupt_and_divergent_replicas() {
     let dc = DataClient::connect(&m3.data_addr).await.unwrap();
     let (r, _) = dc.call(req, rogue).await.unwrap();
     assert_eq!(r.status, dpb::Status::Ok as i32, "{r:?}");
+    let (vol, generation) = (vc.id(), vc.generation());
     vc.detach().await.unwrap();
     // Node 2's copy of A is damaged on its disk.
     common::corrupt_block(&c.path("cairn-data/node-2/disk0.img"), &a);
@@ -83,14 +86,19 @@ async fn scrub_finds_and_repairs_corrupt_and_divergent_replicas() {
         let whole = st["degraded_groups"].as_u64() == Some(0);
         let mut repaired = false;
         if found && whole {
-            let vc = VolumeClient::attach(meta(), "emr", opts()).await.unwrap();
+            // Read each member's copy directly: an attach would reconcile the chunk with the
+            // stray write itself (it is in the activity record) and hide what the scrub did.
+            let g = c.first_group("emr").await;
             repaired = true;
             for m in &g.members {
-                let got_a = vc.read_replica(at_a, 4096, m.node_id).await;
-                let got_b = vc.read_replica(at_b, 4096, m.node_id).await;
+                let got_a =
+                    common::read_member(vol, generation, &g, m, at_a / CHUNK, at_a % CHUNK, 4096)
+                        .await;
+                let got_b =
+                    common::read_member(vol, generation, &g, m, at_b / CHUNK, at_b % CHUNK, 4096)
+                        .await;
                 repaired &= got_a.is_ok_and(|d| d == a) && got_b.is_ok_and(|d| d == b);
             }
-            vc.detach().await.unwrap();
         }
         if repaired {
             // A quiet replica that agrees with the others is never flagged.

@@ -130,6 +130,7 @@ impl Node {
             node_uuid: node_uuid.clone(),
             stats: Arc::new(ServerStats::default()),
             dirty: Arc::new(Dirty::open(&cfg.data_dir.join("dirty"))?),
+            suspect: Arc::new(Dirty::open(&cfg.data_dir.join("suspect"))?),
             activity: Arc::new(Activity::open(&cfg.data_dir.join("activity"))?),
             gates: Gates::default(),
             syncing: Syncing::default(),

@@ -446,14 +446,19 @@ async fn resync_marked<E: ChunkEngine>(
             }
         }
     }
-    // What this member itself knows it may have wrong: blocks in its own record (scrub puts
-    // the blocks it found bad there), and the blocks that differ from an active member's in
+    // What this member itself knows it may have wrong: blocks in its own records (the scrub
+    // puts the blocks it found bad in the suspect record), and the blocks that differ from an active member's in
     // the chunks of the group with writes here that never settled — a write that reached
     // only this member and was never acknowledged (the minority side of a partition, a client
     // that died) must not survive as a second version. Which blocks differ is asked of the
     // first source by stored CRCs (after the barriers: its copy only changes by writes that
     // also come here).
-    for (v, c, bits) in server.dirty.list(g.id) {
+    for (v, c, bits) in server
+        .dirty
+        .list(g.id)
+        .into_iter()
+        .chain(server.suspect.list(g.id))
+    {
         let e = dirty.entry((v, c)).or_default();
         for (w, b) in e.iter_mut().zip(bits) {
             *w |= b;
@@ -470,7 +475,7 @@ async fn resync_marked<E: ChunkEngine>(
                     volume: *v,
                     index: c,
                 };
-                let differ = differing_blocks(engine, &conns, &g, &sources[0], chunk)
+                let differ = differing_blocks(engine, &conns, &g, &sources, chunk)
                     .await
                     .context("comparing an unsettled chunk")?;
                 let e = dirty.entry((*v, c)).or_default();
@@ -520,6 +525,11 @@ async fn resync_marked<E: ChunkEngine>(
         }
     }
     let done = change(false, &g).await.context("finishing the resync")?;
+    // Copied: this member's own suspect blocks are good now. (Blocks the scrub marks while
+    // this ran are forgotten too; its next pass finds them again if they are still bad.)
+    if let Err(e) = server.suspect.clear(g.id) {
+        tracing::warn!(group = g.id, error = %format!("{e:#}"), "cannot clear the suspect record");
+    }
     if done
         .members
         .iter()
@@ -542,19 +552,35 @@ async fn resync_marked<E: ChunkEngine>(
     Ok(stats)
 }
 
-/// The blocks of a chunk whose stored version here differs from `source`'s.
+/// The blocks of a chunk whose stored version here differs from the one every source holds.
+/// A block the sources disagree on is left out: copying one of their versions could spread a
+/// bad copy (and outvote the good one); the scrub sorts such blocks out by majority.
 async fn differing_blocks<E: ChunkEngine>(
     engine: &Arc<E>,
     conns: &Mutex<HashMap<String, Arc<DataClient>>>,
     g: &pb::PlacementGroup,
-    source: &pb::GroupMember,
+    sources: &[pb::GroupMember],
     chunk: ChunkId,
 ) -> anyhow::Result<BlockMap> {
-    let theirs = crate::scrub::peer_versions(conns, g, source, chunk).await?;
+    let mut theirs = Vec::new();
+    for s in sources {
+        theirs.push(crate::scrub::peer_versions(conns, g, s, chunk).await?);
+    }
     let mine = crate::scrub::stored_versions(engine.chunk_info(chunk)?);
     let mut out = BlockMap::default();
-    for b in (0..BLOCKS).filter(|&b| mine[b] != theirs[b]) {
-        out[b / 64] |= 1 << (b % 64);
+    for b in 0..BLOCKS {
+        let agreed = theirs.iter().all(|t| t[b] == theirs[0][b]);
+        if !agreed {
+            tracing::warn!(
+                group = g.id,
+                volume = chunk.volume,
+                chunk = chunk.index,
+                block = b,
+                "active members disagree on a block; leaving it to the scrub"
+            );
+        } else if mine[b] != theirs[0][b] {
+            out[b / 64] |= 1 << (b % 64);
+        }
     }
     Ok(out)
 }

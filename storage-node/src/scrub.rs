@@ -12,7 +12,8 @@
 //! A difference can be a write in flight (one member has it, the other not yet), so a
 //! suspect block is judged twice, `recheck` apart, and only a block bad both times with the
 //! same versions is repaired. The repair never writes from here: the node records the bad
-//! blocks in its own dirty record for the group and reports its own membership failed. The
+//! blocks in its own suspect record for the group (apart from the dirty record, which other
+//! members' resyncs read and clear) and reports its own membership failed. The
 //! member goes stale (clients stop reading it), and the resync copies those blocks from an
 //! active member behind an epoch barrier, with client writes arriving meanwhile left alone
 //! ([`crate::resync`]) — the same path a member back from a crash takes, so a repair cannot
@@ -407,7 +408,7 @@ async fn repair<E: ChunkEngine>(
         // Synced to RocksDB before the report: once the member is stale, its resync finds
         // these blocks even after a crash.
         if let Err(e) = server
-            .dirty
+            .suspect
             .mark(g.id, chunk, b as u64 * BLOCK_SIZE, BLOCK_SIZE)
         {
             tracing::error!(error = %e, "scrub: cannot record a block to repair");

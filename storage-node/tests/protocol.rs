@@ -36,6 +36,7 @@ async fn node() -> Node {
         fence: Arc::new(Fence::open(&dir.path().join("fence")).unwrap()),
         stats: Arc::new(ServerStats::default()),
         dirty: Arc::new(Dirty::open(&dir.path().join("dirty")).unwrap()),
+        suspect: Arc::new(Dirty::open(&dir.path().join("suspect")).unwrap()),
         activity: Arc::new(Activity::open(&dir.path().join("activity")).unwrap()),
         gates: Gates::default(),
         syncing: Syncing::default(),

@@ -643,3 +643,40 @@ pub fn corrupt_block(disk: &std::path::Path, block: &[u8]) {
     f.write_all(&[block[100] ^ 0xFF]).unwrap();
     f.sync_all().unwrap();
 }
+
+/// Reads `len` bytes at `offset` of chunk `chunk` straight from one group member, as a client
+/// holding `generation` would, without attaching (an attach would reconcile chunks first).
+pub async fn read_member(
+    volume: u64,
+    generation: u64,
+    g: &pb::PlacementGroup,
+    m: &pb::GroupMember,
+    chunk: u64,
+    offset: u64,
+    len: u64,
+) -> Result<bytes::Bytes, String> {
+    use cairn_proto::data as dpb;
+    let req = dpb::Request {
+        op: dpb::Op::Read as i32,
+        volume,
+        chunk,
+        offset,
+        length: len,
+        generation,
+        group: g.id,
+        epoch: g.epoch,
+        disk: m.disk_uuid.clone(),
+        ..Default::default()
+    };
+    let c = cairn_client::data::client::DataClient::connect(&m.data_addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (r, data) = c
+        .call(req, bytes::Bytes::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status != dpb::Status::Ok as i32 {
+        return Err(format!("{}: {r:?}", m.host));
+    }
+    Ok(data)
+}

@@ -78,6 +78,10 @@ pub struct DataServer<E> {
     pub stats: Arc<ServerStats>,
     /// Chunks written while their group was degraded.
     pub dirty: Arc<Dirty>,
+    /// Blocks of this node's own copies that the scrub found bad, per group: copied by this
+    /// node's next resync. Kept apart from `dirty`, which other members' resyncs read and
+    /// clear, so neither copies from a bad copy nor forgets one.
+    pub suspect: Arc<Dirty>,
     /// Chunks with writes that may not have reached every member.
     pub activity: Arc<Activity>,
     pub gates: Gates,
