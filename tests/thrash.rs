@@ -13,14 +13,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use common::proxy::FaultProxy;
-use common::{versioned_block as block, UpCluster};
+use common::{versioned_block as block, KillOnDrop, UpCluster};
 
 const MIB: u64 = 1 << 20;
 const NODES: u64 = 4;
@@ -44,7 +44,7 @@ type Truth = Arc<Mutex<HashMap<u64, (u64, Option<u64>)>>>;
 struct Chaos<'a> {
     c: &'a UpCluster,
     /// Processes this test started again (killed at the power loss and at the end).
-    restarted: HashMap<(String, u64), Child>,
+    restarted: HashMap<(String, u64), KillOnDrop>,
     faults: Vec<String>,
     /// Per storage node: the proxies it is reached through (data, then one per metadata
     /// member), and the flags that send it through them.
@@ -55,25 +55,15 @@ struct Chaos<'a> {
 type NodeLinks = (Vec<FaultProxy>, Vec<(String, String)>);
 
 impl Chaos<'_> {
-    fn entry(&self, role: &str, id: u64) -> serde_json::Value {
-        self.c.cluster_file()["processes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["role"] == role && p["id"] == id)
-            .unwrap()
-            .clone()
-    }
-
     fn kill(&mut self, role: &str, id: u64) {
-        if let Some(mut ch) = self.restarted.remove(&(role.to_owned(), id)) {
-            let _ = ch.kill();
-            let _ = ch.wait();
-        } else if let Some(pid) = self.entry(role, id)["pid"].as_u64() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        // A process this test started is killed when its guard drops.
+        if self.restarted.remove(&(role.to_owned(), id)).is_none() {
+            if let Some(pid) = self.c.process(role, id)["pid"].as_u64() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
     }
 
@@ -84,32 +74,11 @@ impl Chaos<'_> {
     /// Starts a process again with its recorded command (a storage node: through its
     /// proxies) and `env`.
     fn start_env(&mut self, role: &str, id: u64, env: &[(&str, &str)]) {
-        let e = self.entry(role, id);
-        let mut cmd: Vec<String> = e["command"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_owned())
-            .collect();
-        if let (Some((_, flags)), "node") = (self.links.get(&id), role) {
-            for (flag, value) in flags {
-                match cmd.iter().position(|a| a == flag) {
-                    Some(i) => cmd[i + 1] = value.clone(),
-                    None => cmd.extend([flag.clone(), value.clone()]),
-                }
-            }
-        }
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(e["log"].as_str().unwrap())
-            .unwrap();
-        let child = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let flags: Vec<(&str, &str)> = match (self.links.get(&id), role) {
+            (Some((_, f)), "node") => f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            _ => Vec::new(),
+        };
+        let child = self.c.respawn_with(role, id, env, &flags);
         self.restarted.insert((role.to_owned(), id), child);
     }
 
@@ -185,10 +154,7 @@ fn thrash() {
     // Every storage node again, reached through proxies: its data port and its links to the
     // metadata members. Cut off for more than 4 s, it stops serving.
     for node in 1..=NODES {
-        let addr = chaos.entry("node", node)["addr"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let addr = c.process("node", node)["addr"].as_str().unwrap().to_owned();
         let mut proxies = vec![rt.block_on(FaultProxy::start(addr.parse().unwrap()))];
         for m in c.meta_addrs() {
             proxies.push(rt.block_on(FaultProxy::start(m.parse().unwrap())));
@@ -397,10 +363,7 @@ fn thrash() {
     let restarted = std::mem::take(&mut chaos.restarted);
     drop(chaos);
     stop.store(true, Ordering::Relaxed);
-    for (_, mut ch) in restarted {
-        let _ = ch.kill();
-        let _ = ch.wait();
-    }
+    drop(restarted); // kills every process this test started
     c.kill_everything();
     for w in writers {
         let _ = rt.block_on(w);
