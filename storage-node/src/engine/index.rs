@@ -99,6 +99,13 @@ impl Index {
         // synced writers on few cores that spinning is most of the CPU per write. Block instead
         // (measured: 2.3x the QD32 write IOPS here, BENCHMARKS.md).
         opts.set_enable_write_thread_adaptive_yield(false);
+        // The index is written in checkpoint batches (one key per block changed since the last
+        // one) and read only at open, by a full scan. A skiplist memtable orders every key on
+        // insert, which was 15% of a storage node's user CPU under random 4K writes (profile in
+        // BENCHMARKS.md); a vector memtable appends and sorts once, when it is flushed. It
+        // takes one writer at a time, and checkpoints are one at a time anyway.
+        opts.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+        opts.set_allow_concurrent_memtable_write(false);
         let db = DB::open(&opts, dir).map_err(err)?;
         let mut expect = INDEX_FORMAT.to_be_bytes().to_vec();
         expect.extend_from_slice(uuid.as_bytes());
