@@ -195,6 +195,8 @@ struct RingState {
     free_slots: Vec<usize>,
     backlog: VecDeque<Req>,
     inflight: usize,
+    /// Completions being answered, kept to reuse its allocation.
+    cqes: Vec<(u64, i32)>,
 }
 
 impl RingState {
@@ -208,18 +210,28 @@ impl RingState {
             free_slots: Vec::new(),
             backlog: VecDeque::new(),
             inflight: 0,
+            cqes: Vec::new(),
         }
     }
 
     /// Submits what is queued (without waiting) and answers every completion there is.
     fn submit_and_reap(&mut self) {
         loop {
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
-                    tracing::error!(error = %e, "io_uring submit failed");
+            // io_uring_enter only with something to submit: the crate's submit() enters the
+            // kernel even for an empty queue, and that was two system calls per I/O for nothing
+            // (completions are seen in the shared ring without one).
+            if !self.ring.submission().is_empty() {
+                if let Err(e) = self.ring.submit() {
+                    if e.raw_os_error() != Some(libc::EINTR)
+                        && e.raw_os_error() != Some(libc::EBUSY)
+                    {
+                        tracing::error!(error = %e, "io_uring submit failed");
+                    }
                 }
             }
-            if !self.reap_once() {
+            // Again only if reaping started backlogged I/O; later completions signal the
+            // eventfd.
+            if !self.reap_once() || self.ring.submission().is_empty() {
                 return;
             }
         }
@@ -228,20 +240,20 @@ impl RingState {
     /// Answers the completions in the queue, then starts what waited for a free slot.
     /// Returns whether there were any (a completion may have queued a follow-up).
     fn reap_once(&mut self) -> bool {
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(token, res) in &cqes {
             self.complete(usize::try_from(token).expect("slot index"), res);
         }
+        let reaped = !cqes.is_empty();
+        cqes.clear();
+        self.cqes = cqes;
         while let Some(r) = self.backlog.pop_front() {
             if !self.start(r) {
                 break;
             }
         }
-        !cqes.is_empty()
+        reaped
     }
 
     /// Waits for every I/O in flight to complete (at drop).
