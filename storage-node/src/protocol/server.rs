@@ -281,6 +281,7 @@ impl<E: ChunkEngine> DataServer<E> {
             if let Err(e) = self
                 .activity
                 .mark(req.chunk.volume, req.chunk.index, req.seq)
+                .await
             {
                 tracing::error!(error = %e, "cannot record a write's activity; refusing it");
                 return fail(pb::Status::Unavailable, format!("activity record: {e}"));
