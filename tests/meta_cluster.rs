@@ -334,4 +334,11 @@ fn cli_errors_are_one_line() {
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid size \"ten\""));
+    let o = cairn(
+        &["nbd", "serve", "--listen", "127.0.0.1:1", "--threads", "0"],
+        tmp.path(),
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--threads"), "{err}");
 }

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use args::{Cli, Command, MetaCommand};
+use args::{Cli, Command, MetaCommand, NbdCommand, NodeCommand, VhostCommand};
 
 /// Runs the CLI with the process's arguments.
 pub fn main() -> ExitCode {
@@ -38,10 +38,23 @@ pub fn main() -> ExitCode {
             | Command::Vhost { .. }
     );
     init_tracing(if daemon { "info" } else { "warn" });
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli.command {
+        Command::Node {
+            command: NodeCommand::Run(a),
+        } => Some(a.threads),
+        Command::Nbd {
+            command: NbdCommand::Serve(a),
+        } => Some(a.threads),
+        Command::Vhost {
+            command: VhostCommand::Serve(a),
+        } => Some(a.threads),
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
