@@ -102,7 +102,7 @@ pub struct VhostServeArgs {
     /// The vhost-user unix socket to create (an old one at the path is replaced).
     #[arg(long)]
     pub socket: PathBuf,
-    /// Virtqueues, each served by a worker thread of its own (1–64).
+    /// Virtqueues (1–64), each served by a task of its own on the process's --threads.
     #[arg(long, default_value_t = 1)]
     pub queues: usize,
     /// Take the volume's lease from another holder (fencing its writes).
