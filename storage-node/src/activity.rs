@@ -8,18 +8,15 @@
 //! chunks once all its writes to them up to some sequence number completed everywhere; a
 //! chunk leaves the record only if no later write arrived meanwhile. Deletions are not synced:
 //! a chunk lost from the deletion only costs one extra reconciliation.
-//!
-//! The synced put runs on a blocking thread, never on the runtime's: with random writes over a
-//! large volume most writes reach a chunk not in the record, and an fsync on a runtime thread
-//! would stall every connection it serves. Concurrent first writes to the same chunk wait for
-//! the one put; puts for different chunks are grouped into one sync by RocksDB.
+//! The put runs off the runtime's threads ([`crate::marks`]).
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use rocksdb::{Options, WriteOptions, DB};
+use rocksdb::{Options, DB};
+
+use crate::marks::{DurableMarks, Mark};
 
 fn key(volume: u64, chunk: u64) -> [u8; 17] {
     let mut k = [b'a'; 17];
@@ -28,19 +25,9 @@ fn key(volume: u64, chunk: u64) -> [u8; 17] {
     k
 }
 
-/// A chunk in the record, in memory.
-enum Mark {
-    /// On media; the highest write sequence number seen (0 after a restart).
-    Durable(u64),
-    /// Its put is running: no write to the chunk may run before it is on media. The sender is
-    /// dropped when the put ends, which wakes the writes waiting for it.
-    Pending(u64, tokio::sync::watch::Receiver<()>),
-}
-
 pub struct Activity {
-    db: Arc<DB>,
-    /// (volume, chunk) → its mark.
-    mem: Mutex<HashMap<(u64, u64), Mark>>,
+    /// (volume, chunk) → the highest write sequence number seen (0 after a restart).
+    marks: DurableMarks<(u64, u64), u64>,
 }
 
 impl Activity {
@@ -51,80 +38,33 @@ impl Activity {
         // the chunk index: spinning is most of the CPU with many synced writers on few cores).
         opts.set_enable_write_thread_adaptive_yield(false);
         let db = DB::open(&opts, dir).with_context(|| format!("opening {}", dir.display()))?;
-        let mut mem = HashMap::new();
+        let mut loaded = HashMap::new();
         for kv in db.iterator(rocksdb::IteratorMode::Start) {
             let (k, _) = kv?;
             anyhow::ensure!(k.len() == 17 && k[0] == b'a', "malformed activity record");
             let n = |r: std::ops::Range<usize>| u64::from_be_bytes(k[r].try_into().expect("8"));
-            mem.insert((n(1..9), n(9..17)), Mark::Durable(0));
+            loaded.insert((n(1..9), n(9..17)), 0);
         }
         Ok(Self {
-            db: Arc::new(db),
-            mem: Mutex::new(mem),
+            marks: DurableMarks::new(db, loaded),
         })
     }
 
     /// A write with sequence number `seq` is about to run on the chunk: returns once the chunk
     /// is in the record on media.
     pub async fn mark(&self, volume: u64, chunk: u64, seq: u64) -> anyhow::Result<()> {
-        let k = (volume, chunk);
-        let done = loop {
-            let mut waiting = {
-                let mut m = self.mem.lock().expect("activity lock");
-                match m.get_mut(&k) {
-                    Some(Mark::Durable(s)) => {
-                        *s = (*s).max(seq);
-                        return Ok(());
-                    }
-                    Some(Mark::Pending(s, rx)) => {
-                        *s = (*s).max(seq);
-                        rx.clone()
-                    }
-                    None => {
-                        let (tx, rx) = tokio::sync::watch::channel(());
-                        m.insert(k, Mark::Pending(seq, rx));
-                        break tx;
-                    }
-                }
-            };
-            // Ends when the put's sender is dropped; then the mark is durable, or gone if the
-            // put failed (and this write tries it itself).
-            let _ = waiting.changed().await;
-        };
-        let db = self.db.clone();
-        let put = tokio::task::spawn_blocking(move || {
-            let mut wo = WriteOptions::default();
-            wo.set_sync(true);
-            // On media before the write runs: a crash after it cannot hide the chunk.
-            db.put_opt(key(volume, chunk), [], &wo)
-        })
-        .await;
-        let mut m = self.mem.lock().expect("activity lock");
-        let result = match put {
-            Ok(Ok(())) => {
-                let seq = match m.get(&k) {
-                    Some(Mark::Pending(s, _)) => *s,
-                    _ => seq,
-                };
-                m.insert(k, Mark::Durable(seq));
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                m.remove(&k);
-                Err(e.into())
-            }
-            Err(e) => {
-                m.remove(&k);
-                Err(anyhow::anyhow!("activity record put: {e}"))
-            }
-        };
-        drop(m);
-        drop(done);
-        result
+        self.marks
+            .mark(
+                (volume, chunk),
+                key(volume, chunk).to_vec(),
+                || seq,
+                |s| *s = (*s).max(seq),
+            )
+            .await
     }
 
     pub fn list(&self, volume: u64) -> Vec<u64> {
-        let m = self.mem.lock().expect("activity lock");
+        let m = self.marks.mem.lock().expect("activity lock");
         let mut v: Vec<u64> = m
             .keys()
             .filter(|(vol, _)| *vol == volume)
@@ -136,7 +76,7 @@ impl Activity {
 
     /// Chunks whose writes up to the given sequence numbers completed everywhere.
     pub fn settle(&self, volume: u64, chunks: &[(u64, u64)]) -> anyhow::Result<()> {
-        let mut m = self.mem.lock().expect("activity lock");
+        let mut m = self.marks.mem.lock().expect("activity lock");
         let mut batch = rocksdb::WriteBatch::default();
         for &(chunk, seq) in chunks {
             // A chunk whose put is still running has a write about to run: it stays.
@@ -145,7 +85,7 @@ impl Activity {
                 batch.delete(key(volume, chunk));
             }
         }
-        self.db.write(batch)?;
+        self.marks.db.write(batch)?;
         Ok(())
     }
 }

@@ -20,6 +20,8 @@
 //! - [`protocol`]: the data protocol server and its request validation (the frame codec and
 //!   the client are in `cairn_client::data`).
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
+//! - [`marks`]: keys made durable in RocksDB once, before the first operation needing them,
+//!   off the runtime's threads (the activity and dirty records are built on it).
 //! - [`activity`]: the chunks with writes that may not have reached every member, which the
 //!   next attach reconciles after a client crash.
 //! - [`resync`]: bringing a group member that missed writes up to date — the per-group
@@ -38,6 +40,7 @@ pub mod activity;
 pub mod engine;
 pub mod fence;
 pub mod format;
+pub mod marks;
 pub mod node;
 pub mod protocol;
 pub mod resync;

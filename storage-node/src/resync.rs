@@ -4,7 +4,8 @@
 //! Three pieces on every node:
 //! - [`Dirty`]: the chunks each group had written while it was degraded (a write marked
 //!   `degraded` by its client, whose view of the group had a member out). Persisted — synced
-//!   to RocksDB before the first such write of a chunk runs, so a crash cannot lose it — and
+//!   to RocksDB before the first such write of a chunk runs ([`crate::marks`]), so a crash
+//!   cannot lose it — and
 //!   kept in memory, so later writes of the chunk cost nothing. Cleared once the group is
 //!   whole again.
 //! - [`Gates`]: a per-group lock every mutating request holds while it runs. A barrier
@@ -37,6 +38,7 @@ use futures::StreamExt;
 use rocksdb::{Options, WriteOptions, DB};
 
 use crate::engine::{ChunkEngine, ChunkId, BLOCK_SIZE, CHUNK_SIZE};
+use crate::marks::{DurableMarks, Mark};
 use crate::protocol::server::DataServer;
 
 const BLOCKS: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
@@ -63,75 +65,75 @@ pub type BlockMap = [u64; BLOCKS / 64];
 /// The chunks written while their group was degraded, per group, with the blocks written
 /// (in memory only).
 pub struct Dirty {
-    db: DB,
-    mem: Mutex<HashMap<(u64, u64, u64), BlockMap>>,
+    marks: DurableMarks<(u64, u64, u64), BlockMap>,
 }
 
 impl Dirty {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
+        opts.set_enable_write_thread_adaptive_yield(false);
         let db = DB::open(&opts, dir).with_context(|| format!("opening {}", dir.display()))?;
-        let mut mem = HashMap::new();
+        let mut loaded = HashMap::new();
         for kv in db.iterator(rocksdb::IteratorMode::Start) {
             let (k, _) = kv?;
             anyhow::ensure!(k.len() == 25 && k[0] == b'd', "malformed dirty record");
             let n = |r: std::ops::Range<usize>| u64::from_be_bytes(k[r].try_into().expect("8"));
             // Which blocks is not persisted: the whole chunk.
-            mem.insert((n(1..9), n(9..17), n(17..25)), [u64::MAX; BLOCKS / 64]);
+            loaded.insert((n(1..9), n(9..17), n(17..25)), [u64::MAX; BLOCKS / 64]);
         }
         Ok(Self {
-            db,
-            mem: Mutex::new(mem),
+            marks: DurableMarks::new(db, loaded),
         })
     }
 
     /// Records that `offset..offset + len` of `chunk` of `group` is being written while the
-    /// group is degraded. Returns once the chunk's record is on media (the first time; after
-    /// that, at once).
-    pub fn mark(&self, group: u64, chunk: ChunkId, offset: u64, len: u64) -> anyhow::Result<()> {
-        let key = (group, chunk.volume, chunk.index);
-        let mut m = self.mem.lock().expect("dirty lock");
-        if let Some(bits) = m.get_mut(&key) {
-            mark_blocks(bits, offset, len);
-            return Ok(());
-        }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        // Synced before the write runs: a crash after the write cannot forget the chunk.
-        self.db
-            .put_opt(dirty_key(group, chunk.volume, chunk.index), [], &wo)?;
-        let mut bits = [0u64; BLOCKS / 64];
-        mark_blocks(&mut bits, offset, len);
-        m.insert(key, bits);
-        Ok(())
+    /// group is degraded. Returns once the chunk's record is on media (the first time, off the
+    /// runtime's threads: [`crate::marks`]; after that, at once).
+    pub async fn mark(
+        &self,
+        group: u64,
+        chunk: ChunkId,
+        offset: u64,
+        len: u64,
+    ) -> anyhow::Result<()> {
+        self.marks
+            .mark(
+                (group, chunk.volume, chunk.index),
+                dirty_key(group, chunk.volume, chunk.index).to_vec(),
+                || [0u64; BLOCKS / 64],
+                |bits| mark_blocks(bits, offset, len),
+            )
+            .await
     }
 
-    /// The group's dirty chunks, as (volume, chunk index, blocks written).
+    /// The group's dirty chunks, as (volume, chunk index, blocks written), including those
+    /// whose record is being put (their writes have not run yet: copying them is harmless).
     pub fn list(&self, group: u64) -> Vec<(u64, u64, BlockMap)> {
-        let m = self.mem.lock().expect("dirty lock");
+        let m = self.marks.mem.lock().expect("dirty lock");
         let mut v: Vec<(u64, u64, BlockMap)> = m
             .iter()
             .filter(|((g, _, _), _)| *g == group)
-            .map(|((_, v, c), b)| (*v, *c, *b))
+            .map(|((_, v, c), b)| (*v, *c, *b.value()))
             .collect();
         v.sort_unstable_by_key(|(v, c, _)| (*v, *c));
         v
     }
 
-    /// Forgets the group's record (it is whole again).
+    /// Forgets the group's record (it is whole again). A chunk whose record is still being put
+    /// stays: its degraded write has not run yet.
     pub fn clear(&self, group: u64) -> anyhow::Result<()> {
-        let mut m = self.mem.lock().expect("dirty lock");
+        let mut m = self.marks.mem.lock().expect("dirty lock");
         let mut batch = rocksdb::WriteBatch::default();
-        for (g, v, c) in m.keys() {
-            if *g == group {
+        for ((g, v, c), mark) in m.iter() {
+            if *g == group && matches!(mark, Mark::Durable(_)) {
                 batch.delete(dirty_key(*g, *v, *c));
             }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
-        m.retain(|(g, _, _), _| *g != group);
+        self.marks.db.write_opt(batch, &wo)?;
+        m.retain(|(g, _, _), mark| *g != group || !matches!(mark, Mark::Durable(_)));
         Ok(())
     }
 }
@@ -748,16 +750,16 @@ async fn apply<E: ChunkEngine>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn dirty_records_survive_a_reopen_and_clear_per_group() {
+    #[tokio::test]
+    async fn dirty_records_survive_a_reopen_and_clear_per_group() {
         let dir = tempfile::tempdir().unwrap();
         let c = |volume, index| ChunkId { volume, index };
         {
             let d = Dirty::open(dir.path()).unwrap();
-            d.mark(7, c(1, 3), 0, 4096).unwrap();
-            d.mark(7, c(1, 3), 8192, 4096).unwrap();
-            d.mark(7, c(2, 0), 0, 4096).unwrap();
-            d.mark(8, c(1, 4), 0, 4096).unwrap();
+            d.mark(7, c(1, 3), 0, 4096).await.unwrap();
+            d.mark(7, c(1, 3), 8192, 4096).await.unwrap();
+            d.mark(7, c(2, 0), 0, 4096).await.unwrap();
+            d.mark(8, c(1, 4), 0, 4096).await.unwrap();
             // In memory: the blocks written.
             assert_eq!(d.list(7)[0].2[0], 0b101);
         }

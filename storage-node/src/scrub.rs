@@ -410,6 +410,7 @@ async fn repair<E: ChunkEngine>(
         if let Err(e) = server
             .suspect
             .mark(g.id, chunk, b as u64 * BLOCK_SIZE, BLOCK_SIZE)
+            .await
         {
             tracing::error!(error = %e, "scrub: cannot record a block to repair");
             return;

@@ -294,7 +294,7 @@ impl<E: ChunkEngine> DataServer<E> {
                 _ => (0, 0),
             };
             if req.degraded {
-                if let Err(e) = self.dirty.mark(req.group, req.chunk, offset, len) {
+                if let Err(e) = self.dirty.mark(req.group, req.chunk, offset, len).await {
                     tracing::error!(error = %e, "cannot record a degraded write; refusing it");
                     return fail(pb::Status::Unavailable, format!("dirty record: {e}"));
                 }
