@@ -32,6 +32,8 @@ use crate::volume::{AttachOptions, VolumeClient, VolumeError};
 pub const MAX_REQUEST: u32 = 32 << 20;
 /// Requests in flight per connection.
 const MAX_IN_FLIGHT: usize = 64;
+/// Read and write buffers of a connection in transmission.
+const IO_BUFFER: usize = 256 << 10;
 
 pub struct NbdServer {
     meta_addrs: Vec<String>,
@@ -120,6 +122,12 @@ impl NbdServer {
         };
         let name = opened.vc.name().to_owned();
         tracing::info!(%peer, export = %name, structured = opened.structured, "NBD client connected");
+        // Buffered from here on (the handshake reads exact lengths, so nothing is left
+        // behind): one recv takes a request's header and payload, and every request already
+        // sent; the replies ready at once go out in one send (the writer flushes when it has
+        // no more). Unbuffered, each request cost two recvs and each read reply two sends.
+        let r = tokio::io::BufReader::with_capacity(IO_BUFFER, r);
+        let w = tokio::io::BufWriter::with_capacity(IO_BUFFER, w);
         if let Err(e) = transmission(&opened, r, w).await {
             tracing::info!(%peer, export = %name, error = %e, "NBD connection ended");
         }
