@@ -60,6 +60,16 @@ pub enum Command {
     },
 }
 
+/// The I/O runtime of a daemon (storage node, NBD and vhost gateways).
+#[derive(Debug, Args)]
+pub struct IoThreads {
+    /// Threads running this daemon's I/O (connections, disk completions). One avoids
+    /// cross-thread wake-ups on every request (measured in BENCHMARKS.md); raise it where one
+    /// core is not enough for the clients of this process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NbdCommand {
     /// Serve every volume as an NBD export (export name = volume name) until stopped. Each
@@ -79,11 +89,8 @@ pub struct NbdServeArgs {
     /// segments prefer groups with a disk here). Default: this machine's.
     #[arg(long)]
     pub host: Option<String>,
-    /// Threads running this daemon's I/O (connections, disk completions). One avoids
-    /// cross-thread wake-ups on every request (measured in BENCHMARKS.md); raise it where one
-    /// core is not enough for the clients of this process.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
+    #[command(flatten)]
+    pub io: IoThreads,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,11 +118,8 @@ pub struct VhostServeArgs {
     /// This machine's host name as the cluster knows it (reads prefer replicas here).
     #[arg(long)]
     pub host: Option<String>,
-    /// Threads running this daemon's I/O (connections, disk completions). One avoids
-    /// cross-thread wake-ups on every request (measured in BENCHMARKS.md); raise it where one
-    /// core is not enough for the clients of this process.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
+    #[command(flatten)]
+    pub io: IoThreads,
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,11 +193,8 @@ pub struct NodeRunArgs {
     /// Most MB a second the scrub reads; 0: unlimited.
     #[arg(long, default_value_t = 50)]
     pub scrub_mb_per_s: u64,
-    /// Threads running this daemon's I/O (connections, disk completions). One avoids
-    /// cross-thread wake-ups on every request (measured in BENCHMARKS.md); raise it where one
-    /// core is not enough for the clients of this process.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
+    #[command(flatten)]
+    pub io: IoThreads,
 }
 
 #[derive(Debug, Args)]

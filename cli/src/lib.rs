@@ -41,13 +41,13 @@ pub fn main() -> ExitCode {
     let threads = match &cli.command {
         Command::Node {
             command: NodeCommand::Run(a),
-        } => Some(a.threads),
+        } => Some(a.io.threads),
         Command::Nbd {
             command: NbdCommand::Serve(a),
-        } => Some(a.threads),
+        } => Some(a.io.threads),
         Command::Vhost {
             command: VhostCommand::Serve(a),
-        } => Some(a.threads),
+        } => Some(a.io.threads),
         _ => None,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();

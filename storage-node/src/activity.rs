@@ -7,16 +7,13 @@
 //! writes only raise the highest write sequence number seen in memory. The client settles
 //! chunks once all its writes to them up to some sequence number completed everywhere; a
 //! chunk leaves the record only if no later write arrived meanwhile. Deletions are not synced:
-//! a chunk lost from the deletion only costs one extra reconciliation.
-//! The put runs off the runtime's threads ([`crate::marks`]).
+//! a chunk lost from the deletion only costs one extra reconciliation. The put runs off the
+//! runtime's threads ([`crate::marks`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::Context;
-use rocksdb::{Options, DB};
-
-use crate::marks::{DurableMarks, Mark};
+use crate::marks::{self, DurableMarks, Mark};
 
 fn key(volume: u64, chunk: u64) -> [u8; 17] {
     let mut k = [b'a'; 17];
@@ -32,12 +29,7 @@ pub struct Activity {
 
 impl Activity {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        // Block rather than spin while another thread's synced write is in progress (as in
-        // the chunk index: spinning is most of the CPU with many synced writers on few cores).
-        opts.set_enable_write_thread_adaptive_yield(false);
-        let db = DB::open(&opts, dir).with_context(|| format!("opening {}", dir.display()))?;
+        let db = marks::open_db(dir)?;
         let mut loaded = HashMap::new();
         for kv in db.iterator(rocksdb::IteratorMode::Start) {
             let (k, _) = kv?;
@@ -56,7 +48,7 @@ impl Activity {
         self.marks
             .mark(
                 (volume, chunk),
-                key(volume, chunk).to_vec(),
+                key(volume, chunk),
                 || seq,
                 |s| *s = (*s).max(seq),
             )

@@ -9,9 +9,21 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rocksdb::{WriteOptions, DB};
+use anyhow::Context;
+use rocksdb::{Options, WriteOptions, DB};
+
+/// Opens (creating) the RocksDB of such a set.
+pub fn open_db(dir: &Path) -> anyhow::Result<DB> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    // Block rather than spin while another thread's synced write is in progress (as in the
+    // chunk index: spinning is most of the CPU with many synced writers on few cores).
+    opts.set_enable_write_thread_adaptive_yield(false);
+    DB::open(&opts, dir).with_context(|| format!("opening {}", dir.display()))
+}
 
 /// A key in memory.
 pub enum Mark<V> {
@@ -24,6 +36,12 @@ pub enum Mark<V> {
 
 impl<V> Mark<V> {
     pub fn value(&self) -> &V {
+        match self {
+            Mark::Durable(v) | Mark::Pending(v, _) => v,
+        }
+    }
+
+    fn into_value(self) -> V {
         match self {
             Mark::Durable(v) | Mark::Pending(v, _) => v,
         }
@@ -51,11 +69,12 @@ impl<K: Hash + Eq + Copy, V> DurableMarks<K, V> {
     }
 
     /// Applies `update` to the key's value (a new key starts from `init`) and returns once the
-    /// key is on media, as `db_key` with an empty value.
+    /// key is on media, as `db_key` with an empty value. Nothing is allocated when the key is
+    /// already on media (every write but a chunk's first).
     pub async fn mark(
         &self,
         k: K,
-        db_key: Vec<u8>,
+        db_key: impl AsRef<[u8]> + Send + 'static,
         init: impl FnOnce() -> V,
         update: impl Fn(&mut V),
     ) -> anyhow::Result<()> {
@@ -97,11 +116,8 @@ impl<K: Hash + Eq + Copy, V> DurableMarks<K, V> {
         let mut m = self.mem.lock().expect("marks lock");
         let result = match put {
             Ok(Ok(())) => {
-                if let Some(Mark::Pending(..)) = m.get(&k) {
-                    let Some(Mark::Pending(v, _)) = m.remove(&k) else {
-                        unreachable!("checked above")
-                    };
-                    m.insert(k, Mark::Durable(v));
+                if let Some(mark) = m.remove(&k) {
+                    m.insert(k, Mark::Durable(mark.into_value()));
                 }
                 Ok(())
             }

@@ -5,9 +5,8 @@
 //! - [`Dirty`]: the chunks each group had written while it was degraded (a write marked
 //!   `degraded` by its client, whose view of the group had a member out). Persisted — synced
 //!   to RocksDB before the first such write of a chunk runs ([`crate::marks`]), so a crash
-//!   cannot lose it — and
-//!   kept in memory, so later writes of the chunk cost nothing. Cleared once the group is
-//!   whole again.
+//!   cannot lose it — and kept in memory, so later writes of the chunk cost nothing. Cleared
+//!   once the group is whole again.
 //! - [`Gates`]: a per-group lock every mutating request holds while it runs. A barrier
 //!   (OP_BARRIER) raises the group's epoch and then takes the lock exclusively: once it
 //!   answers, no write admitted under an older membership can still land.
@@ -35,10 +34,10 @@ use cairn_client::MetaClient;
 use cairn_proto::data as dpb;
 use cairn_proto::metadata as pb;
 use futures::StreamExt;
-use rocksdb::{Options, WriteOptions, DB};
+use rocksdb::WriteOptions;
 
 use crate::engine::{ChunkEngine, ChunkId, BLOCK_SIZE, CHUNK_SIZE};
-use crate::marks::{DurableMarks, Mark};
+use crate::marks::{self, DurableMarks, Mark};
 use crate::protocol::server::DataServer;
 
 const BLOCKS: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
@@ -70,10 +69,7 @@ pub struct Dirty {
 
 impl Dirty {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.set_enable_write_thread_adaptive_yield(false);
-        let db = DB::open(&opts, dir).with_context(|| format!("opening {}", dir.display()))?;
+        let db = marks::open_db(dir)?;
         let mut loaded = HashMap::new();
         for kv in db.iterator(rocksdb::IteratorMode::Start) {
             let (k, _) = kv?;
@@ -100,7 +96,7 @@ impl Dirty {
         self.marks
             .mark(
                 (group, chunk.volume, chunk.index),
-                dirty_key(group, chunk.volume, chunk.index).to_vec(),
+                dirty_key(group, chunk.volume, chunk.index),
                 || [0u64; BLOCKS / 64],
                 |bits| mark_blocks(bits, offset, len),
             )
