@@ -70,22 +70,8 @@ impl DataClient {
             return Err(ClientError::Refused(welcome.error));
         }
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
-        let (tx, mut rx) = mpsc::channel::<Frame>(1024);
-        tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                if writer.feed(f).await.is_err() {
-                    return;
-                }
-                while let Ok(f) = rx.try_recv() {
-                    if writer.feed(f).await.is_err() {
-                        return;
-                    }
-                }
-                if writer.flush().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Frame>(1024);
+        tokio::spawn(super::writer::write_frames(rx, writer));
         let p = pending.clone();
         tokio::spawn(async move {
             while let Some(Ok(f)) = reader.next().await {

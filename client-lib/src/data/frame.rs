@@ -9,6 +9,19 @@ pub const MAX_HEADER: usize = 4096;
 /// Largest payload accepted: one whole chunk.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 const PREFIX: usize = 8;
+/// Room the decoder makes when it needs more bytes and has less than [`MIN_ROOM`] spare: the
+/// frames that arrived together are then read by one system call (the reader's default room
+/// is about one frame, so one call per frame).
+pub const READ_AHEAD: usize = 64 << 10;
+const MIN_ROOM: usize = 16 << 10;
+
+/// Makes room for at least `need` more bytes, and for a read-ahead when little is left (the
+/// frames already split off still share the buffer, so growing it takes a new one).
+fn make_room(src: &mut BytesMut, need: usize) {
+    if src.capacity() - src.len() < need.max(MIN_ROOM) {
+        src.reserve(need.max(READ_AHEAD));
+    }
+}
 
 /// One frame: a prost-encoded header and its raw payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +51,7 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         if src.len() < PREFIX {
+            make_room(src, PREFIX - src.len());
             return Ok(None);
         }
         let h = u32::from_le_bytes(src[0..4].try_into().expect("4 bytes")) as usize;
@@ -52,7 +66,7 @@ impl Decoder for FrameCodec {
             return Err(FrameError::PayloadTooLarge(p));
         }
         if src.len() < PREFIX + h + p {
-            src.reserve(PREFIX + h + p - src.len());
+            make_room(src, PREFIX + h + p - src.len());
             return Ok(None);
         }
         src.advance(PREFIX);
@@ -146,6 +160,24 @@ mod tests {
             matches!(FrameCodec.decode(&mut prefix(10, 10)), Ok(None)),
             "waits for the rest"
         );
+    }
+
+    /// A decoder waiting for bytes leaves room for many frames, so one read takes them all;
+    /// a buffer with room to spare is left as it is.
+    #[test]
+    fn waiting_makes_room_for_a_read_ahead() {
+        let mut b = BytesMut::new();
+        assert!(FrameCodec.decode(&mut b).unwrap().is_none());
+        assert!(b.capacity() >= READ_AHEAD);
+        let mut part = enc(Frame {
+            header: Bytes::from_static(b"h"),
+            payload: Bytes::from(vec![1u8; 4096]),
+        });
+        part.truncate(100);
+        part.reserve(READ_AHEAD);
+        let cap = part.capacity();
+        assert!(FrameCodec.decode(&mut part).unwrap().is_none());
+        assert_eq!(part.capacity(), cap);
     }
 
     proptest! {

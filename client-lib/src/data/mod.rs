@@ -3,9 +3,11 @@
 //!
 //! - [`frame`]: the frame codec (pure, fuzzed; the storage node's server uses it too).
 //! - [`client`]: a pipelined client.
+//! - [`writer`]: a connection's writer task, batching the frames ready together.
 
 pub mod client;
 pub mod frame;
+pub mod writer;
 
 /// Protocol version spoken by this build; the handshake refuses any other.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -409,7 +409,9 @@ where
             for p in parts {
                 w.write_all(&p).await?;
             }
-            // More replies ready: write them before flushing.
+            // Let the other requests the same event finished queue their replies first (see
+            // `data::writer`), then write them all before flushing: one send for the batch.
+            tokio::task::yield_now().await;
             while let Ok(parts) = rx.try_recv() {
                 for p in parts {
                     w.write_all(&p).await?;

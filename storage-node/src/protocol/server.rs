@@ -23,6 +23,7 @@ use crate::engine::{ChunkEngine, EngineError, CHUNK_SIZE};
 use crate::fence::{Fence, Fenced};
 use crate::resync::{mark_blocks, Dirty, Gates, Syncing};
 use cairn_client::data::frame::{Frame, FrameCodec};
+use cairn_client::data::writer::write_frames;
 use cairn_client::data::{HELLO_MAGIC, PROTOCOL_VERSION};
 
 /// Requests executing at once on one connection; more wait (TCP backpressure).
@@ -186,18 +187,8 @@ impl<E: ChunkEngine> DataServer<E> {
             anyhow::bail!("handshake refused: {why}");
         }
 
-        let (tx, mut rx) = mpsc::channel::<Frame>(MAX_IN_FLIGHT);
-        let write_task = tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                writer.feed(f).await?;
-                // Batch what is ready into one write.
-                while let Ok(f) = rx.try_recv() {
-                    writer.feed(f).await?;
-                }
-                writer.flush().await?;
-            }
-            anyhow::Ok(())
-        });
+        let (tx, rx) = mpsc::channel::<Frame>(MAX_IN_FLIGHT);
+        let write_task = tokio::spawn(write_frames(rx, writer));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
             let f = match reader.next().await {
