@@ -398,7 +398,7 @@ impl Shared {
             // waits); if it fails, the disk is poisoned and a restart replays the log.
             let (file, log, inner) = (self.file.clone(), self.log.clone(), self.inner.clone());
             tokio::spawn(async move {
-                if file.write_at(at, data).await.is_err() {
+                if file.write_at_batched(at, data).await.is_err() {
                     tracing::error!(%chunk, "in-place write of a logged write failed");
                     poison(&file, &log);
                 } else {

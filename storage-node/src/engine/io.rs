@@ -172,6 +172,15 @@ impl DiskFile {
         self.write(offset, data, false).await
     }
 
+    /// [`DiskFile::write_at`], submitted to the device in one batch with the other writes
+    /// queued meanwhile (io_uring only): for writes nobody is waiting on.
+    pub async fn write_at_batched(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        match &self.ring {
+            Some(r) => r.write_batched(offset, data).await,
+            None => self.write(offset, data, false).await,
+        }
+    }
+
     /// Writes `data` at `offset` and returns once it is durable (RWF_DSYNC: a FUA write where
     /// the device has it, else a write and a cache flush, in one request). Does not make
     /// *other* writes durable. A failure poisons the file, as a failed sync does.
