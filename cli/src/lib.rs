@@ -50,10 +50,18 @@ pub fn main() -> ExitCode {
         } => Some(a.io.threads),
         _ => None,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(usize::from(n));
-    }
+    // One I/O thread is the current-thread scheduler: no work-stealing bookkeeping, and a task
+    // woken by another runs after the tasks already ready (the multi-thread scheduler's LIFO
+    // slot would run it first, breaking up batches).
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
