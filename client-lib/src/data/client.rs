@@ -98,14 +98,17 @@ impl DataClient {
         })
     }
 
-    /// Sends one request (its id is assigned here) and waits for its response.
+    /// Sends one request (its id is assigned here) and waits for its response. The payload's
+    /// CRC32C is computed here unless the caller set it (one payload sent to several members
+    /// is checksummed once); 0 means not set (a payload whose CRC is 0 is just checksummed
+    /// again).
     pub async fn call(
         &self,
         mut req: pb::Request,
         payload: Bytes,
     ) -> Result<(pb::Response, Bytes), ClientError> {
         req.request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if !payload.is_empty() {
+        if !payload.is_empty() && req.payload_crc == 0 {
             req.payload_crc = crc32c::crc32c(&payload);
         }
         let (tx, rx) = oneshot::channel();

@@ -124,11 +124,17 @@ impl VolumeClient {
         };
         // In the activity record from before the first member sees it until it is settled.
         let ticket = self.begin_write(p.chunk);
+        let payload_crc = if payload.is_empty() {
+            0
+        } else {
+            crc32c::crc32c(&payload)
+        };
         for _ in 0..MEMBERSHIP_RETRIES {
             let writers = g.writers();
             let calls = writers.iter().map(|m| {
                 let mut req = self.request(op, &g, p.chunk, p.offset, p.len);
                 req.seq = ticket.seq;
+                req.payload_crc = payload_crc;
                 self.call(m, req, payload.clone())
             });
             let mut stale = false;

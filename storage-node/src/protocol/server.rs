@@ -55,9 +55,16 @@ impl Latency {
         let us = took.as_secs_f64() * 1e6;
         let now = std::time::Instant::now();
         let mut m = self.ewma_us.lock().expect("latency lock");
-        let e = m.entry(disk.to_owned()).or_insert((us, now));
-        e.0 += (us - e.0) / 20.0;
-        e.1 = now;
+        // Looked up before inserting: the disk's name is copied once, not on every request.
+        match m.get_mut(disk) {
+            Some(e) => {
+                e.0 += (us - e.0) / 20.0;
+                e.1 = now;
+            }
+            None => {
+                m.insert(disk.to_owned(), (us, now));
+            }
+        }
     }
 
     pub fn ewma_us(&self, disk: &str) -> u64 {
