@@ -7,14 +7,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
+use common::writer::{strided_offsets, BlockWriter};
 use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
@@ -65,22 +64,13 @@ fn bad_disk_is_replaced(failpoints: &str) -> serde_json::Value {
     std::thread::sleep(Duration::from_millis(300));
     let _bad = c.respawn("node", id, &[("FAILPOINTS", failpoints)]);
 
-    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (vc, acked, stop) = (vc.clone(), acked.clone(), stop.clone());
-        rt.spawn(async move {
-            let mut v = 1;
-            while !stop.load(Ordering::Relaxed) {
-                let off = (v * 7919 % 1024) * 4096;
-                vc.write(off, block(off, v)).await?;
-                acked.lock().unwrap().insert(off, v);
-                v += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Ok::<_, cairn_client::VolumeError>(v - 1)
-        })
-    };
+    let writer = BlockWriter::start(
+        &rt,
+        vc.clone(),
+        block,
+        Duration::from_millis(2),
+        strided_offsets(1024),
+    );
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let g = rt.block_on(c.first_group("bd"));
@@ -107,11 +97,10 @@ fn bad_disk_is_replaced(failpoints: &str) -> serde_json::Value {
         .unwrap()
         .clone();
     assert_eq!(node["disks"][0]["healthy"], false, "{status}");
-    stop.store(true, Ordering::Relaxed);
-    let writes = rt.block_on(writer).unwrap().unwrap();
+    let (writes, acked) = writer.stop(&rt);
+    let writes = writes.count;
     println!("{writes} writes while the bad disk was isolated and replaced");
 
-    let acked = acked.lock().unwrap().clone();
     rt.block_on(async {
         let vc = attach(&c, true).await;
         for b in (0..16 * MIB).step_by(4096) {

@@ -87,20 +87,7 @@ fn a_gateway_killed_mid_write_leaves_no_replica_different_after_the_next_attach(
         .spawn()
         .unwrap_or_else(|e| panic!("fio is needed ({e}); run scripts/setup"));
     std::thread::sleep(Duration::from_secs(3));
-    let file = c.cluster_file();
-    let nbd = file["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["role"] == "nbd")
-        .unwrap()
-        .clone();
-    let pid = i32::try_from(nbd["pid"].as_u64().unwrap()).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.kill("nbd", 1);
     let _ = fio.kill();
     let _ = fio.wait();
 
@@ -155,29 +142,9 @@ fn a_gateway_killed_mid_write_leaves_no_replica_different_after_the_next_attach(
     assert!(std::fs::read(&out).unwrap() == copies[0]);
 
     // A gateway started again serves the same bytes.
-    let cmd: Vec<String> = nbd["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
-    let mut gateway = std::process::Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&c.nbd).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gateway did not come back"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let gateway = c.respawn_gateway();
     let through = c.path("through.raw");
     run_tool("nbdcopy", &[&c.uri("cc"), through.to_str().unwrap()]);
     assert!(std::fs::read(&through).unwrap() == copies[0]);
-    let _ = gateway.kill();
-    let _ = gateway.wait();
+    drop(gateway);
 }

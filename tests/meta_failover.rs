@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
+use common::writer::{strided_offsets, BlockWriter};
 use common::UpCluster;
 
 fn block(offset: u64, v: u64) -> Bytes {
@@ -41,49 +39,35 @@ fn killing_the_metadata_leader_does_not_stop_volume_io() {
     });
     // Allocate the segment before the kill: a new segment needs the metadata service.
     rt.block_on(vc.write(0, block(0, 0))).unwrap();
-    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (vc, acked, stop) = (vc.clone(), acked.clone(), stop.clone());
-        rt.spawn(async move {
-            let mut longest = Duration::ZERO;
-            let mut v = 1;
-            while !stop.load(Ordering::Relaxed) {
-                let off = (v * 7919 % 4096) * 4096;
-                let t = Instant::now();
-                vc.write(off, block(off, v)).await?;
-                longest = longest.max(t.elapsed());
-                acked.lock().unwrap().insert(off, v);
-                v += 1;
-            }
-            Ok::<_, cairn_client::VolumeError>((v - 1, longest))
-        })
-    };
+    let mut writer = BlockWriter::start(
+        &rt,
+        vc.clone(),
+        block,
+        Duration::ZERO,
+        strided_offsets(4096),
+    );
     std::thread::sleep(Duration::from_secs(1));
     let status = || -> serde_json::Value {
         serde_json::from_slice(&c.cairn(&["status", "--json"]).stdout).unwrap()
     };
     let leader = status()["leader_id"].as_u64().unwrap();
     c.kill("meta", leader);
-    let at_kill = acked.lock().unwrap().len();
+    let at_kill = writer.blocks_written();
     // Past a lease renewal (every 10 s with the default 30 s lease).
     std::thread::sleep(Duration::from_secs(12));
-    assert!(
-        !writer.is_finished(),
-        "the writer stopped: {:?}",
-        rt.block_on(writer)
-    );
-    assert!(acked.lock().unwrap().len() > at_kill, "writes went on");
+    writer.assert_running(&rt, "across the leader kill");
+    assert!(writer.blocks_written() > at_kill, "writes went on");
     let after = status();
     assert_ne!(
         after["leader_id"].as_u64(),
         Some(leader),
         "a new leader: {after}"
     );
-    stop.store(true, Ordering::Relaxed);
-    let (writes, longest) = rt.block_on(writer).unwrap().unwrap();
-    println!("{writes} writes; longest {longest:?} across the leader kill");
-    let acked = acked.lock().unwrap().clone();
+    let (writes, acked) = writer.stop(&rt);
+    println!(
+        "{} writes; longest {:?} across the leader kill",
+        writes.count, writes.longest
+    );
     rt.block_on(async {
         for (off, v) in &acked {
             assert_eq!(vc.read(*off, 4096).await.unwrap(), block(*off, *v));

@@ -173,41 +173,9 @@ fn fio_verify_across_a_gateway_restart_and_replicas_agree() {
     );
 
     // kill -9 the gateway, start it again with the command cairn up recorded.
-    let file = c.cluster_file();
-    let nbd = file["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["role"] == "nbd")
-        .unwrap()
-        .clone();
-    let pid = i32::try_from(nbd["pid"].as_u64().unwrap()).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.kill("nbd", 1);
     std::thread::sleep(Duration::from_millis(300));
-    let cmd: Vec<String> = nbd["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
-    let mut gateway = std::process::Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&c.nbd).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gateway did not come back"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let gateway = c.respawn_gateway();
     fio(
         &c,
         "qd1",
@@ -258,6 +226,5 @@ fn fio_verify_across_a_gateway_restart_and_replicas_agree() {
         nodes.push(node);
     }
     assert_eq!(nodes.len(), 3);
-    let _ = gateway.kill();
-    let _ = gateway.wait();
+    drop(gateway);
 }

@@ -6,14 +6,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
+use common::writer::{random_offsets, BlockWriter};
 use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
@@ -51,40 +49,21 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
     });
 
     // A writer of single blocks in the first 3 chunks, keeping what was acknowledged.
-    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (vc, acked, stop) = (vc.clone(), acked.clone(), stop.clone());
-        rt.spawn(async move {
-            let mut longest = Duration::ZERO;
-            let mut x = 0x1234_5678_u64;
-            let mut v = 1;
-            while !stop.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let off = (x % (3 * CHUNK / 4096)) * 4096;
-                let t = Instant::now();
-                vc.write(off, block(off, v)).await?;
-                longest = longest.max(t.elapsed());
-                acked.lock().unwrap().insert(off, v);
-                v += 1;
-            }
-            Ok::<_, cairn_client::VolumeError>((v - 1, longest))
-        })
-    };
+    let mut writer = BlockWriter::start(
+        &rt,
+        vc.clone(),
+        block,
+        Duration::ZERO,
+        random_offsets(0x1234_5678, 3 * CHUNK / 4096),
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     // Kill node 2; the writes go on.
     c.kill("node", 2);
-    let written_before = acked.lock().unwrap().len();
-    let versions_at_kill = acked.lock().unwrap().clone();
+    let written_before = writer.blocks_written();
+    let versions_at_kill = writer.acked();
     std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        !writer.is_finished(),
-        "the writer stopped while a node was down: {:?}",
-        rt.block_on(writer)
-    );
+    writer.assert_running(&rt, "while a node was down");
     let layout = |mc: MetaClient| {
         rt.block_on(async move {
             mc.call(|mut cl| async move {
@@ -114,7 +93,7 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
         1,
         "the dead node left the group's active set: {degraded:?}"
     );
-    assert!(acked.lock().unwrap().len() > written_before);
+    assert!(writer.blocks_written() > written_before);
     let status = || -> serde_json::Value {
         serde_json::from_slice(&c.cairn(&["status", "--json"]).stdout).unwrap()
     };
@@ -146,12 +125,13 @@ fn a_killed_node_is_written_around_then_resyncs_only_what_it_missed() {
     }
     assert_eq!(status()["degraded_groups"].as_u64(), Some(0));
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    let (writes, longest) = rt.block_on(writer).unwrap().unwrap();
-    println!("{writes} writes; longest write {longest:?} (the stall on the node kill)");
+    let (writes, acked) = writer.stop(&rt);
+    println!(
+        "{} writes; longest write {:?} (the stall on the node kill)",
+        writes.count, writes.longest
+    );
 
     // Every acknowledged write reads back, through the client and from every replica.
-    let acked = acked.lock().unwrap().clone();
     rt.block_on(async {
         for (off, v) in &acked {
             assert_eq!(vc.read(*off, 4096).await.unwrap(), block(*off, *v));

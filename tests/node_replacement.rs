@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
+use common::writer::{strided_offsets, BlockWriter};
 use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
@@ -65,22 +64,13 @@ fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
         .collect();
     assert_eq!(spare.len(), 1, "one host holds no copy: {before:?}");
 
-    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (vc, acked, stop) = (vc.clone(), acked.clone(), stop.clone());
-        rt.spawn(async move {
-            let mut v = 1;
-            while !stop.load(Ordering::Relaxed) {
-                let off = (v * 7919 % 2048) * 4096; // the first 8 MiB
-                vc.write(off, block(off, v)).await?;
-                acked.lock().unwrap().insert(off, v);
-                v += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Ok::<_, cairn_client::VolumeError>(v - 1)
-        })
-    };
+    let writer = BlockWriter::start(
+        &rt,
+        vc.clone(),
+        block,
+        Duration::from_millis(2),
+        strided_offsets(2048), // the first 8 MiB
+    );
     let id: u64 = victim.trim_start_matches("node-").parse().unwrap();
     c.kill("node", id);
 
@@ -103,8 +93,8 @@ fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
     };
     let took = killed_at.elapsed();
     assert!(after.members.iter().any(|m| m.host == spare[0]));
-    stop.store(true, Ordering::Relaxed);
-    let writes = rt.block_on(writer).unwrap().unwrap();
+    let (writes, acked) = writer.stop(&rt);
+    let writes = writes.count;
     // What the new member copied, from its log.
     let log = c.path(&format!("cairn-data/logs/{}.log", spare[0]));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -129,7 +119,6 @@ fn a_node_gone_for_good_is_replaced_and_its_data_copied_elsewhere() {
         writes as f64 / took.as_secs_f64()
     );
 
-    let acked = acked.lock().unwrap().clone();
     rt.block_on(async {
         let vc = attach(&c, true).await;
         for b in (0..32 * MIB).step_by(4096) {

@@ -14,9 +14,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,6 +22,7 @@ use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::data as dpb;
 use cairn_proto::metadata as pb;
 use common::proxy::FaultProxy;
+use common::writer::{random_offsets, BlockWriter};
 use common::{versioned_block as block, UpCluster};
 
 const CHUNK: u64 = 4 << 20;
@@ -130,34 +128,19 @@ fn a_cut_off_node_is_fenced_and_heals_by_resync() {
         .clone();
 
     // A writer of single blocks in the first 3 chunks, keeping what was acknowledged.
-    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (vc, acked, stop) = (vc.clone(), acked.clone(), stop.clone());
-        rt.spawn(async move {
-            let mut longest = Duration::ZERO;
-            let mut x = 0x2545_f491_u64;
-            let mut v = 1;
-            while !stop.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let off = (x % (3 * CHUNK / 4096)) * 4096;
-                let t = Instant::now();
-                vc.write(off, block(off, v)).await?;
-                longest = longest.max(t.elapsed());
-                acked.lock().unwrap().insert(off, v);
-                v += 1;
-            }
-            Ok::<_, cairn_client::VolumeError>((v - 1, longest))
-        })
-    };
+    let mut writer = BlockWriter::start(
+        &rt,
+        vc.clone(),
+        block,
+        Duration::ZERO,
+        random_offsets(0x2545_f491, 3 * CHUNK / 4096),
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     // The cut.
     data_proxy.cut();
     meta_proxy.cut();
-    let at_cut = acked.lock().unwrap().len();
+    let at_cut = writer.blocks_written();
     // A client on node 3's side writes chunk 3 there, and only there.
     let lone = 3 * CHUNK + 8 * 4096;
     let r = rt.block_on(lone_write(&real, &vc, &g, &m3, lone, block(lone, 999)));
@@ -171,14 +154,10 @@ fn a_cut_off_node_is_fenced_and_heals_by_resync() {
             .members
             .iter()
             .any(|m| m.host == "node-3" && m.state != pb::MemberState::Active as i32);
-        if out && acked.lock().unwrap().len() > at_cut + 20 {
+        if out && writer.blocks_written() > at_cut + 20 {
             break;
         }
-        assert!(
-            !writer.is_finished(),
-            "the writer stopped during the partition: {:?}",
-            rt.block_on(writer)
-        );
+        writer.assert_running(&rt, "during the partition");
         assert!(
             Instant::now() < deadline,
             "writes did not go on without node 3: {g:?}"
@@ -223,13 +202,14 @@ fn a_cut_off_node_is_fenced_and_heals_by_resync() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    let (writes, longest) = rt.block_on(writer).unwrap().unwrap();
-    println!("{writes} writes; longest write {longest:?} (the stall on the cut)");
+    let (writes, acked) = writer.stop(&rt);
+    println!(
+        "{} writes; longest write {:?} (the stall on the cut)",
+        writes.count, writes.longest
+    );
 
     // Every acknowledged write on every replica; the lone write undone everywhere. Read
     // straight from each member (a new attach would reconcile the chunk itself).
-    let acked = acked.lock().unwrap().clone();
     let g = rt.block_on(c.first_group("v"));
     rt.block_on(async {
         for m in &g.members {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -596,6 +597,17 @@ impl UpCluster {
                 .spawn()
                 .unwrap(),
         )
+    }
+
+    /// Starts the NBD gateway again (after a kill) and waits until it accepts connections.
+    pub fn respawn_gateway(&self) -> KillOnDrop {
+        let gateway = self.respawn("nbd", 1, &[]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.nbd).is_err() {
+            assert!(Instant::now() < deadline, "gateway did not come back");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        gateway
     }
 
     /// The placement group of a volume's first segment, as the metadata service has it now.
