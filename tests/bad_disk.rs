@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cairn_client::{AttachOptions, MetaClient, VolumeClient};
 use cairn_proto::metadata as pb;
-use common::writer::{strided_offsets, BlockWriter};
+use common::writer::{check_acked, strided_offsets, BlockWriter};
 use common::{versioned_block as block, UpCluster};
 
 const MIB: u64 = 1 << 20;
@@ -103,20 +103,7 @@ fn bad_disk_is_replaced(failpoints: &str) -> serde_json::Value {
 
     rt.block_on(async {
         let vc = attach(&c, true).await;
-        for b in (0..16 * MIB).step_by(4096) {
-            let want = block(b, acked.get(&b).copied().unwrap_or(0));
-            assert_eq!(vc.read(b, 4096).await.unwrap(), want, "block at {b}");
-        }
-        let nodes = vc.replica_nodes();
-        assert_eq!(nodes.len(), 3);
-        let mut copies = Vec::new();
-        for n in nodes {
-            copies.push(vc.read_replica(0, 16 * MIB, n).await.unwrap());
-        }
-        assert!(
-            copies[0] == copies[1] && copies[1] == copies[2],
-            "replicas differ"
-        );
+        check_acked(&vc, 16 * MIB, block, &acked).await;
     });
     node
 }

@@ -113,3 +113,28 @@ impl BlockWriter {
         (writes, acked)
     }
 }
+
+/// Checks through `vc` that each block of the volume's first `span` bytes holds
+/// `block(offset, v)` for the version `v` its last acknowledged write left (0 where none), and
+/// that the three replicas of that span are identical.
+pub async fn check_acked(
+    vc: &VolumeClient,
+    span: u64,
+    block: fn(u64, u64) -> Bytes,
+    acked: &HashMap<u64, u64>,
+) {
+    for b in (0..span).step_by(4096) {
+        let want = block(b, acked.get(&b).copied().unwrap_or(0));
+        assert_eq!(vc.read(b, 4096).await.unwrap(), want, "block at {b}");
+    }
+    let nodes = vc.replica_nodes();
+    assert_eq!(nodes.len(), 3);
+    let mut copies = Vec::new();
+    for n in nodes {
+        copies.push(vc.read_replica(0, span, n).await.unwrap());
+    }
+    assert!(
+        copies[0] == copies[1] && copies[1] == copies[2],
+        "replicas differ"
+    );
+}
