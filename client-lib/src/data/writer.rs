@@ -17,8 +17,9 @@ const BATCH_BYTES: usize = 256 << 10;
 ///
 /// After the first frame of a batch the task yields once before taking the rest: the tasks
 /// the same event made ready (a group commit finishing, a burst of requests read in one go)
-/// run first and queue their frames. Without it, the runtime's LIFO slot runs this task
-/// straight after the first sender, and every frame costs its own `writev`.
+/// run first and queue their frames. Without it, the multi-thread scheduler's LIFO slot
+/// (daemons with `--threads` > 1) runs this task straight after the first sender, and every
+/// frame costs its own `writev`.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Frame>,
     mut writer: FramedWrite<W, FrameCodec>,
@@ -65,10 +66,20 @@ mod tests {
     }
 
     /// Frames that tasks woken by one event send at once go out in one write, on the
-    /// multi-thread runtime the daemons use (whose LIFO slot would otherwise run the writer
-    /// after the first of them).
+    /// multi-thread scheduler (whose LIFO slot would otherwise run the writer after the first
+    /// of them) ...
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn frames_ready_together_go_out_together() {
+        sixteen_senders_at_once().await;
+    }
+
+    /// ... and on the current-thread one the daemons run by default.
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_ready_together_go_out_together_on_one_thread() {
+        sixteen_senders_at_once().await;
+    }
+
+    async fn sixteen_senders_at_once() {
         let sink = Counting::default();
         let (tx, rx) = mpsc::channel(64);
         let writer = tokio::spawn(write_frames(rx, FramedWrite::new(sink.clone(), FrameCodec)));

@@ -1,10 +1,12 @@
 //! The io_uring backend: one ring per disk, driven from the runtime's own threads.
 //!
 //! A caller puts its request in the submission queue and submits it itself (one system call,
-//! no hand-off to another thread). The kernel signals completions on an eventfd registered
-//! with the ring; a task on the runtime waits for it (tokio's reactor, beside the sockets),
-//! reaps every completion and answers each through a oneshot channel — so an I/O costs one
-//! wake-up of a runtime thread, not a round trip through a ring thread. I/Os of
+//! no hand-off to another thread); writes nobody waits on ([`Ring::write_batched`]: a logged
+//! write going in place) are left queued for a submitter task, which submits every one queued
+//! in the same turn of the runtime at once. The kernel signals completions on an eventfd
+//! registered with the ring; a task on the runtime waits for it (tokio's reactor, beside the
+//! sockets), reaps every completion and answers each through a oneshot channel — so an I/O
+//! costs one wake-up of a runtime thread, not a round trip through a ring thread. I/Os of
 //! up to [`FIXED_BUF_SIZE`] go through buffers registered with the ring once at start
 //! (READ_FIXED / WRITE_FIXED: the kernel skips pinning pages on every I/O); larger ones use
 //! plain READ / WRITE on aligned buffers.
