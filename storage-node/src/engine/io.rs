@@ -177,7 +177,7 @@ impl DiskFile {
     pub async fn write_at_batched(&self, offset: u64, data: Bytes) -> io::Result<()> {
         match &self.ring {
             Some(r) => r.write_batched(offset, data).await,
-            None => self.write(offset, data, false).await,
+            None => self.write_at(offset, data).await,
         }
     }
 

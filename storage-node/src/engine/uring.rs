@@ -118,15 +118,7 @@ impl Ring {
     /// write going in place), many take one system call and one doorbell to the device instead
     /// of one each. Any I/O submitted meanwhile takes them along.
     pub async fn write_batched(&self, off: u64, data: Bytes) -> io::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.state.lock().expect("ring lock").start(Req::Write {
-            off,
-            data,
-            dsync: false,
-            tx,
-        });
-        self.kick.notify_one();
-        rx.await.map_err(|_| io::Error::other("io_uring stopped"))?
+        self.write_with(off, data, false, true).await
     }
 
     pub async fn read(&self, off: u64, len: usize) -> io::Result<AlignedBuf> {
@@ -136,13 +128,30 @@ impl Ring {
     }
 
     pub async fn write(&self, off: u64, data: Bytes, dsync: bool) -> io::Result<()> {
+        self.write_with(off, data, dsync, false).await
+    }
+
+    /// A write submitted now, or left queued for the submitter (`batched`).
+    async fn write_with(
+        &self,
+        off: u64,
+        data: Bytes,
+        dsync: bool,
+        batched: bool,
+    ) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(Req::Write {
+        let r = Req::Write {
             off,
             data,
             dsync,
             tx,
-        });
+        };
+        if batched {
+            self.state.lock().expect("ring lock").start(r);
+            self.kick.notify_one();
+        } else {
+            self.send(r);
+        }
         rx.await.map_err(|_| io::Error::other("io_uring stopped"))?
     }
 
