@@ -15,11 +15,10 @@ const BATCH_BYTES: usize = 256 << 10;
 
 /// Writes the frames of `rx` until every sender is gone or the connection fails.
 ///
-/// After the first frame of a batch the task yields once before taking the rest: the tasks
-/// the same event made ready (a group commit finishing, a burst of requests read in one go)
-/// run first and queue their frames. Without it, the multi-thread scheduler's LIFO slot
-/// (daemons with `--threads` > 1) runs this task straight after the first sender, and every
-/// frame costs its own `writev`.
+/// After the first frame of a batch the task lets the other tasks the same event made ready (a
+/// group commit finishing, a burst of requests read in one go) run first and queue their
+/// frames ([`after_tasks_ready_together`]); without that, every frame could cost its own
+/// `writev`.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Frame>,
     mut writer: FramedWrite<W, FrameCodec>,
@@ -27,13 +26,29 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     writer.set_backpressure_boundary(BATCH_BYTES);
     while let Some(f) = rx.recv().await {
         writer.feed(f).await?;
-        tokio::task::yield_now().await;
+        after_tasks_ready_together().await;
         while let Ok(f) = rx.try_recv() {
             writer.feed(f).await?;
         }
         writer.flush().await?;
     }
     Ok(())
+}
+
+/// Returns once the tasks made ready by the event that woke this one have run, so that work
+/// they queue for this task (frames to write, I/Os to submit) is taken in one batch.
+///
+/// On the multi-thread scheduler (daemons with `--threads` > 1) that takes a yield: a task woken
+/// by another goes into the waker's LIFO slot and runs straight after it, before the others.
+/// The current-thread scheduler (the default) runs its tasks in the order they were woken, so
+/// they have run already; a yield there would only cost a turn of the runtime (an `epoll_wait`
+/// system call) and, since its yielded tasks resume last-in first-out, could put a submission
+/// of in-place writes ahead of the replies waiting to go out.
+pub async fn after_tasks_ready_together() {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() != RuntimeFlavor::CurrentThread {
+        tokio::task::yield_now().await;
+    }
 }
 
 #[cfg(test)]

@@ -409,9 +409,9 @@ where
             for p in parts {
                 w.write_all(&p).await?;
             }
-            // Let the other requests the same event finished queue their replies first (see
-            // `data::writer`), then write them all before flushing: one send for the batch.
-            tokio::task::yield_now().await;
+            // Let the other requests the same event finished queue their replies first, then
+            // write them all before flushing: one send for the batch.
+            crate::data::writer::after_tasks_ready_together().await;
             while let Ok(parts) = rx.try_recv() {
                 for p in parts {
                     w.write_all(&p).await?;
