@@ -15,8 +15,9 @@ fuzz_target!(|data: &[u8]| {
             Command::Read { offset, len } | Command::Discard { offset, len } | Command::WriteZeroes { offset, len } => {
                 assert!(check_range(offset, len).is_ok() && offset + len <= CHUNK_SIZE);
             }
-            Command::Write { offset, data } => {
+            Command::Write { offset, data, crc } => {
                 assert!(check_range(offset, data.len() as u64).is_ok());
+                assert_eq!(crc, crc32c::crc32c(&data));
                 assert!(r.generation > 0);
             }
             _ => {}

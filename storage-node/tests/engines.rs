@@ -584,14 +584,9 @@ async fn torn_log_batch_ignored() {
         let path = {
             let (e, path) = open_disk(&dir, 2).await;
             // A fresh disk: the log starts at the beginning of its region.
-            e.crash_after_log(Record::Write {
-                chunk: C,
-                slot: 0,
-                first_block: 3,
-                data: Bytes::from(vec![0x5Au8; 8192]),
-            })
-            .await
-            .unwrap();
+            e.crash_after_log(Record::write(C, 0, 3, Bytes::from(vec![0x5Au8; 8192])))
+                .await
+                .unwrap();
             path
         };
         if torn {

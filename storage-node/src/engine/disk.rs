@@ -362,12 +362,23 @@ impl Shared {
         poison(&self.file, &self.log)
     }
 
-    async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
+    /// Writes `data`; `crc`, if the caller has it, is its CRC32C (see `write_checked`).
+    async fn write(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: Bytes,
+        crc: Option<u32>,
+    ) -> Result<()> {
         let first = (offset / BLOCK_SIZE) as usize;
         let n = data.len() / BLOCK_SIZE as usize;
         let chunk_guard = self.locks.lock(chunk, first, first + n, true).await;
         let slot = self.slot_for(chunk)?;
-        let crcs = block_crcs(&data);
+        // One block (most writes): its checksum is the payload's.
+        let crcs = match crc {
+            Some(c) if n == 1 => vec![c],
+            _ => block_crcs(&data),
+        };
         let small = data.len() as u64 <= JOURNAL_MAX;
         let record = if small {
             Record::Write {
@@ -375,6 +386,11 @@ impl Shared {
                 slot,
                 first_block: first,
                 data: data.clone(),
+                crc: match crc {
+                    Some(c) => c,
+                    None if n == 1 => crcs[0],
+                    None => crc32c::crc32c(&data),
+                },
             }
         } else {
             Record::Intent {
@@ -637,7 +653,26 @@ impl ChunkEngine for DiskEngine {
     async fn write(&self, chunk: ChunkId, offset: u64, data: Bytes) -> Result<()> {
         check_range(offset, data.len() as u64)?;
         self.s.check_poisoned()?;
-        self.s.write(chunk, offset, data).await?;
+        self.s.write(chunk, offset, data, None).await?;
+        self.s.maybe_checkpoint().await;
+        Ok(())
+    }
+
+    async fn write_checked(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: Bytes,
+        crc: u32,
+    ) -> Result<()> {
+        check_range(offset, data.len() as u64)?;
+        self.s.check_poisoned()?;
+        debug_assert_eq!(
+            crc,
+            crc32c::crc32c(&data),
+            "write_checked with a wrong checksum"
+        );
+        self.s.write(chunk, offset, data, Some(crc)).await?;
         self.s.maybe_checkpoint().await;
         Ok(())
     }

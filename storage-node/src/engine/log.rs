@@ -69,6 +69,9 @@ pub enum Record {
         slot: u64,
         first_block: usize,
         data: Bytes,
+        /// CRC32C of `data` (the record's payload checksum), as the client sent it and the node
+        /// checked it on arrival: stored as is, the log checks the data end to end.
+        crc: u32,
     },
     /// A large write about to go in place: the new checksum of each of its blocks.
     Intent {
@@ -86,6 +89,17 @@ pub enum Record {
 }
 
 impl Record {
+    /// A [`Record::Write`], its checksum computed here.
+    pub fn write(chunk: ChunkId, slot: u64, first_block: usize, data: Bytes) -> Self {
+        Self::Write {
+            chunk,
+            slot,
+            first_block,
+            crc: crc32c::crc32c(&data),
+            data,
+        }
+    }
+
     pub fn chunk(&self) -> ChunkId {
         match self {
             Self::Write { chunk, .. }
@@ -156,21 +170,20 @@ pub fn encode_batch(first_seq: u64, records: &[&Record], salt: u32) -> AlignedBu
     for (i, r) in records.iter().enumerate() {
         // A write's data goes straight from its buffer into the batch (no intermediate copy:
         // this is every small write's path).
-        let len = match r {
-            Record::Write { data, .. } => {
+        let payload_crc = match r {
+            Record::Write { data, crc, .. } => {
                 b[at..at + data.len()].copy_from_slice(data);
-                data.len()
+                *crc
             }
             _ => {
                 let p = r.payload();
                 b[at..at + p.len()].copy_from_slice(&p);
-                p.len()
+                if p.is_empty() {
+                    0
+                } else {
+                    crc32c::crc32c(&p)
+                }
             }
-        };
-        let payload_crc = if len == 0 {
-            0
-        } else {
-            crc32c::crc32c(&b[at..at + len])
         };
         at += r.payload_blocks() * BLOCK;
         let e = &mut b[HEADER_FIXED + i * ENTRY..HEADER_FIXED + (i + 1) * ENTRY];
@@ -325,6 +338,7 @@ pub fn decode_records(h: &Header, payload: &Bytes) -> Option<Vec<Record>> {
                     slot: e.slot,
                     first_block: e.first_block,
                     data,
+                    crc: e.crc,
                 }
             }
             2 => {
@@ -676,12 +690,7 @@ mod tests {
 
     fn sample() -> Vec<Record> {
         vec![
-            Record::Write {
-                chunk: C,
-                slot: 9,
-                first_block: 2,
-                data: Bytes::from(vec![0xabu8; 2 * BLOCK]),
-            },
+            Record::write(C, 9, 2, Bytes::from(vec![0xabu8; 2 * BLOCK])),
             Record::Intent {
                 chunk: C,
                 slot: 9,

@@ -130,6 +130,19 @@ pub trait ChunkEngine: Send + Sync + 'static {
         offset: u64,
         data: Bytes,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// [`ChunkEngine::write`] of data whose CRC32C the caller has computed and checked already
+    /// (the data protocol carries one with every payload): `crc` must be exactly that. An
+    /// engine may keep it as the data's checksum instead of computing it again.
+    fn write_checked(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: Bytes,
+        crc: u32,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = crc;
+        self.write(chunk, offset, data)
+    }
     /// Reads `len` bytes at `offset`; unmapped blocks read as zeros; every mapped block is
     /// checked against its CRC32C.
     fn read(

@@ -192,6 +192,7 @@ impl Chunks {
                 slot,
                 first_block,
                 data,
+                ..
             } => {
                 self.attach(chunk, slot, slots)?;
                 let crcs = super::block_crcs(&data);

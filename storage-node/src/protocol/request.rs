@@ -16,6 +16,8 @@ pub enum Command {
     Write {
         offset: u64,
         data: Bytes,
+        /// The payload's CRC32C, checked against it.
+        crc: u32,
     },
     Flush,
     Discard {
@@ -141,6 +143,7 @@ impl Request {
                 Command::Write {
                     offset: h.offset,
                     data: payload,
+                    crc: h.payload_crc,
                 }
             }
             pb::Op::Flush => {
@@ -273,7 +276,8 @@ mod tests {
             w.cmd,
             Command::Write {
                 offset: 4096,
-                data: data.clone()
+                data: data.clone(),
+                crc
             }
         );
         assert_eq!(

@@ -285,7 +285,7 @@ impl<E: ChunkEngine> DataServer<E> {
                 return fail(pb::Status::Unavailable, format!("activity record: {e}"));
             }
             let (offset, len) = match &req.cmd {
-                Command::Write { offset, data } => (*offset, data.len() as u64),
+                Command::Write { offset, data, .. } => (*offset, data.len() as u64),
                 Command::Discard { offset, len } | Command::WriteZeroes { offset, len } => {
                     (*offset, *len)
                 }
@@ -367,8 +367,8 @@ impl<E: ChunkEngine> DataServer<E> {
             Command::Read { offset, len } => {
                 e.read(req.chunk, offset, len).await.map(|d| (None, d))
             }
-            Command::Write { offset, data } => e
-                .write(req.chunk, offset, data)
+            Command::Write { offset, data, crc } => e
+                .write_checked(req.chunk, offset, data, crc)
                 .await
                 .map(|()| (None, Bytes::new())),
             Command::Flush => e.flush().await.map(|()| (None, Bytes::new())),
