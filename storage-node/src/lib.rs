@@ -10,7 +10,9 @@
 //!   RocksDB is brought up to date at checkpoints, [`engine::replay`] rebuilds the state at
 //!   open) and [`engine::mem::MemEngine`] (in memory) — held to one conformance suite
 //!   (`engine::conformance`); the disk engine runs over io_uring (one ring per disk, driven
-//!   from the runtime's threads, registered buffers) or pread/pwrite.
+//!   from the runtime's threads, registered buffers; on the default one-thread runtime its
+//!   completion work waits for our own enters and wakes the node only when someone waits for
+//!   it, see [`engine::uring`]) or pread/pwrite.
 //!
 //! Contract: an acknowledged write is on media; every read is checked against the block's
 //! CRC32C; a crash leaves every block with its old or its new data, and a block that is

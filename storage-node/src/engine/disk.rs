@@ -195,7 +195,9 @@ impl DiskEngine {
     /// Waits until every acknowledged write is also in place (small writes finish that step
     /// after their acknowledgement). For tests and tools that look at the raw disk.
     pub async fn settle(&self) {
+        let watch = self.s.file.watch();
         drop(self.s.gate.write().await);
+        drop(watch);
     }
 
     /// Runs a checkpoint now (normally the log asks for one when it is half full).
@@ -356,6 +358,26 @@ impl Shared {
         Ok(slot)
     }
 
+    /// Locks blocks of a chunk ([`RangeLocks`]). A request that has to wait may be waiting for
+    /// a small write's in-place step, whose completion the disk's ring does not report at once
+    /// when nothing else is in flight: it watches the ring while it waits
+    /// ([`DiskFile::watch`]).
+    async fn lock(
+        &self,
+        chunk: ChunkId,
+        first: usize,
+        end: usize,
+        write: bool,
+    ) -> super::rangelock::RangeGuard {
+        let mut watch = None;
+        let guard = self
+            .locks
+            .lock_with(chunk, first, end, write, || watch = self.file.watch())
+            .await;
+        drop(watch);
+        guard
+    }
+
     /// The log failed or an in-place write failed after its record was durable: memory no
     /// longer describes the disk, so nothing more is served until a restart replays the log.
     fn poison(&self) -> EngineError {
@@ -372,7 +394,7 @@ impl Shared {
     ) -> Result<()> {
         let first = (offset / BLOCK_SIZE) as usize;
         let n = data.len() / BLOCK_SIZE as usize;
-        let chunk_guard = self.locks.lock(chunk, first, first + n, true).await;
+        let chunk_guard = self.lock(chunk, first, first + n, true).await;
         let slot = self.slot_for(chunk)?;
         // One block (most writes): its checksum is the payload's.
         let crcs = match crc {
@@ -414,6 +436,8 @@ impl Shared {
             // waits); if it fails, the disk is poisoned and a restart replays the log.
             let (file, log, inner) = (self.file.clone(), self.log.clone(), self.inner.clone());
             tokio::spawn(async move {
+                // Batched, its completion taken whenever convenient, unless someone waits for
+                // it (they watch the ring: `lock`, checkpoints).
                 if file.write_at_batched(at, data).await.is_err() {
                     tracing::error!(%chunk, "in-place write of a logged write failed");
                     poison(&file, &log);
@@ -478,7 +502,7 @@ impl Shared {
     async fn read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Bytes> {
         let first = (offset / BLOCK_SIZE) as usize;
         let n = (len / BLOCK_SIZE) as usize;
-        let _g = self.locks.lock(chunk, first, first + n, false).await;
+        let _g = self.lock(chunk, first, first + n, false).await;
         let snapshot = {
             let inner = self.inner.lock().expect("lock");
             inner.chunks.get(&chunk).map(|m| {
@@ -519,7 +543,7 @@ impl Shared {
 
     async fn discard(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
         // The whole chunk: a discard may empty it and give its slot back.
-        let _g = self.locks.lock(chunk, 0, BLOCKS_PER_CHUNK, true).await;
+        let _g = self.lock(chunk, 0, BLOCKS_PER_CHUNK, true).await;
         let first = (offset / BLOCK_SIZE) as usize;
         let n = (len / BLOCK_SIZE) as usize;
         let anything = {
@@ -618,7 +642,9 @@ impl Shared {
         let (end, mut ops) = {
             // Exclusive for a moment: every record before `end` has its effect in memory (and
             // its in-place write complete), and no record after it does.
+            let watch = self.file.watch();
             let _all = self.gate.write().await;
+            drop(watch);
             let end = self.log.end();
             let ops = self.inner.lock().expect("lock").take_dirty();
             (end, ops)

@@ -181,6 +181,13 @@ impl DiskFile {
         }
     }
 
+    /// Someone waits on a [`DiskFile::write_at_batched`] (for the blocks it holds, or for all
+    /// of them: a checkpoint): while the guard lives, the ring reports their completions as
+    /// soon as they come.
+    pub fn watch(&self) -> Option<super::uring::Watch> {
+        self.ring.as_ref().map(|r| r.watch())
+    }
+
     /// Writes `data` at `offset` and returns once it is durable (RWF_DSYNC: a FUA write where
     /// the device has it, else a write and a cache flush, in one request). Does not make
     /// *other* writes durable. A failure poisons the file, as a failed sync does.

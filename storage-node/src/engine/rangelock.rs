@@ -49,6 +49,19 @@ pub struct RangeGuard {
 impl RangeLocks {
     /// Locks blocks `first..end` of `chunk`, exclusively for a write.
     pub async fn lock(&self, chunk: ChunkId, first: usize, end: usize, write: bool) -> RangeGuard {
+        self.lock_with(chunk, first, end, write, || ()).await
+    }
+
+    /// [`RangeLocks::lock`], calling `on_wait` first if the blocks are held by another request
+    /// (the engine uses it to have the holder's I/O reported without delay).
+    pub async fn lock_with(
+        &self,
+        chunk: ChunkId,
+        first: usize,
+        end: usize,
+        write: bool,
+        on_wait: impl FnOnce(),
+    ) -> RangeGuard {
         let notify = Arc::new(Notify::new());
         let (guard, granted) = {
             let mut t = self.inner.lock().expect("range lock table");
@@ -74,6 +87,7 @@ impl RangeLocks {
             )
         };
         if !granted {
+            on_wait();
             // `notify_one` keeps a permit if the grant comes before this wait starts.
             notify.notified().await;
         }

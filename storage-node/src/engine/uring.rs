@@ -6,7 +6,21 @@
 //! in the same turn of the runtime at once. The kernel signals completions on an eventfd
 //! registered with the ring; a task on the runtime waits for it (tokio's reactor, beside the
 //! sockets), reaps every completion and answers each through a oneshot channel — so an I/O
-//! costs one wake-up of a runtime thread, not a round trip through a ring thread. I/Os of
+//! costs one wake-up of a runtime thread, not a round trip through a ring thread.
+//!
+//! On the current-thread scheduler (the daemons' default) the ring defers the kernel's
+//! completion work to the runtime's next `io_uring_enter` (DEFER_TASKRUN, with SINGLE_ISSUER:
+//! only that thread ever enters it), and its completions signal the eventfd only while someone
+//! waits for one: a read, a durable write, a sync, or a request held up by a batched write
+//! ([`Ring::watch`]: one waiting for its blocks, a checkpoint waiting for all of them). A small
+//! write's in-place step then costs no wake-up of its own: its completion is taken at the next
+//! `io_uring_enter`, which the next request makes, or at the latest after [`BACKSTOP`]. The
+//! backstop runs whenever I/O is in flight, signals or not: a completion the kernel holds back
+//! unsignalled (it runs at most a few dozen per `io_uring_enter` and may keep the rest) is
+//! late by at most that, never lost. (Otherwise the kernel interrupts the thread for each
+//! completion, and its eventfd signal wakes it once more.)
+//!
+//! I/Os of
 //! up to [`FIXED_BUF_SIZE`] go through buffers registered with the ring once at start
 //! (READ_FIXED / WRITE_FIXED: the kernel skips pinning pages on every I/O); larger ones use
 //! plain READ / WRITE on aligned buffers.
@@ -31,6 +45,8 @@ pub const FIXED_BUF_SIZE: usize = 128 << 10;
 const FIXED_BUFS: usize = 64;
 /// Submission queue entries.
 const RING_DEPTH: u32 = 256;
+/// The longest a batched write's completion goes untaken when no one asks for it.
+const BACKSTOP: std::time::Duration = std::time::Duration::from_millis(5);
 
 enum Req {
     Read {
@@ -44,6 +60,8 @@ enum Req {
         /// RWF_DSYNC: complete only once the data (and what is needed to read it back) is on
         /// media — a FUA write where the device has it, else a write and a cache flush.
         dsync: bool,
+        /// Nobody waits for it (see [`Ring::write_batched`]): its completion needs no wake-up.
+        lazy: bool,
         tx: oneshot::Sender<io::Result<()>>,
     },
     Fsync {
@@ -65,8 +83,30 @@ impl Ring {
     /// `kernel.io_uring_disabled`, or outside a tokio runtime), registers its buffers and an
     /// eventfd for completions, and starts the task that reaps them.
     pub fn new(file: Arc<File>) -> io::Result<Self> {
+        Self::with_backstop(file, BACKSTOP)
+    }
+
+    /// [`Ring::new`] with another [`BACKSTOP`] (tests use an hour: every completion must then
+    /// be taken because someone asked for it).
+    fn with_backstop(file: Arc<File>, backstop: std::time::Duration) -> io::Result<Self> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        let ring = IoUring::new(RING_DEPTH)?;
+        // Deferred completion work needs every `io_uring_enter` made by one thread: the
+        // current-thread scheduler's. Kernels before 6.1 refuse the flags: a plain ring then.
+        let deferred = (runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+            .then(|| {
+                IoUring::builder()
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag()
+                    .build(RING_DEPTH)
+                    .ok()
+            })
+            .flatten();
+        let defer = deferred.is_some();
+        let ring = match deferred {
+            Some(r) => r,
+            None => IoUring::new(RING_DEPTH)?,
+        };
         let mut pool: Vec<AlignedBuf> = (0..FIXED_BUFS)
             .map(|_| AlignedBuf::zeroed(FIXED_BUF_SIZE))
             .collect();
@@ -95,16 +135,26 @@ impl Ring {
             unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
                 .map_err(|e| io::Error::other(e.to_string()))?
         };
-        let state = Arc::new(Mutex::new(RingState::new(ring, pool, file)));
+        let state = Arc::new(Mutex::new(RingState::new(ring, pool, file, defer)));
         let reaper = runtime.spawn(reap(efd, state.clone()));
         let kick = Arc::new(Notify::new());
-        let submitter = runtime.spawn(submit_batches(kick.clone(), state.clone()));
+        let submitter = runtime.spawn(submit_batches(kick.clone(), state.clone(), backstop));
         Ok(Self {
             state,
             reaper,
             kick,
             submitter,
         })
+    }
+
+    /// Someone waits on a batched write (for its blocks, or for all of them): until the
+    /// returned guard is dropped, every completion signals the eventfd; the ones the kernel
+    /// has already are taken now.
+    pub fn watch(&self) -> Watch {
+        let mut s = self.state.lock().expect("ring lock");
+        s.watchers += 1;
+        s.submit_and_reap();
+        Watch(self.state.clone())
     }
 
     fn send(&self, r: Req) {
@@ -144,6 +194,7 @@ impl Ring {
             off,
             data,
             dsync,
+            lazy: batched,
             tx,
         };
         if batched {
@@ -162,6 +213,17 @@ impl Ring {
     }
 }
 
+/// See [`Ring::watch`].
+pub struct Watch(Arc<Mutex<RingState>>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut s = self.0.lock().expect("ring lock");
+        s.watchers -= 1;
+        s.update_signals();
+    }
+}
+
 /// Waits for the eventfd and reaps completions, for the life of the ring.
 async fn reap(efd: AsyncFd<OwnedFd>, state: Arc<Mutex<RingState>>) {
     loop {
@@ -172,29 +234,42 @@ async fn reap(efd: AsyncFd<OwnedFd>, state: Arc<Mutex<RingState>>) {
                 return;
             }
         };
-        let mut count = 0u64;
-        // Resets the counter (EAGAIN if it was reset already: nothing to do but reap). Readiness
-        // is cleared only if no signal came after it was seen (tokio tracks that), so a
-        // completion posted from here on wakes this task again.
-        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own.
-        let _ = unsafe {
-            libc::read(
-                efd.get_ref().as_raw_fd(),
-                (&mut count as *mut u64).cast(),
-                8,
-            )
-        };
+        // The eventfd's counter is never read back (a `read` per wake-up would be a system
+        // call for nothing): tokio registers it edge-triggered, and epoll reports an eventfd
+        // again on every signal, whatever its counter holds, so a completion posted after the
+        // readiness is cleared wakes this task again. (Readiness is cleared only if no signal
+        // came after it was seen: tokio tracks that. The counter, a u64 the kernel saturates,
+        // would take millennia to fill at a million completions a second.)
         ready.clear_ready();
         state.lock().expect("ring lock").submit_and_reap();
     }
 }
 
 /// Submits the I/Os [`Ring::write_batched`] queued, once the tasks that were ready when it was
-/// kicked have run (and queued theirs).
-async fn submit_batches(kick: Arc<Notify>, state: Arc<Mutex<RingState>>) {
+/// kicked have run (and queued theirs). While I/O is in flight (deferred mode), takes the
+/// completions that have come every [`BACKSTOP`].
+async fn submit_batches(
+    kick: Arc<Notify>,
+    state: Arc<Mutex<RingState>>,
+    backstop: std::time::Duration,
+) {
     loop {
-        kick.notified().await;
-        tokio::task::yield_now().await;
+        let in_flight = {
+            let s = state.lock().expect("ring lock");
+            s.defer && s.inflight > 0
+        };
+        if in_flight {
+            tokio::select! {
+                _ = kick.notified() => {}
+                _ = tokio::time::sleep(backstop) => {
+                    state.lock().expect("ring lock").take_held_back();
+                    continue;
+                }
+            }
+        } else {
+            kick.notified().await;
+        }
+        cairn_client::data::writer::after_tasks_ready_together().await;
         state.lock().expect("ring lock").submit_and_reap();
     }
 }
@@ -230,6 +305,7 @@ struct InFlight {
     reply: Done,
     is_write: bool,
     rw_flags: i32,
+    lazy: bool,
 }
 
 struct RingState {
@@ -245,10 +321,18 @@ struct RingState {
     inflight: usize,
     /// Completions being answered, kept to reuse its allocation.
     cqes: Vec<(u64, i32)>,
+    /// Completion work is deferred to our `io_uring_enter` calls (see the module's doc).
+    defer: bool,
+    /// I/Os in flight that someone waits for (all but the lazy writes).
+    awaited: usize,
+    /// Live [`Watch`] guards: someone waits on a lazy write.
+    watchers: usize,
+    /// Whether completions signal the eventfd now.
+    signals: bool,
 }
 
 impl RingState {
-    fn new(ring: IoUring, pool: Vec<AlignedBuf>, file: Arc<File>) -> Self {
+    fn new(ring: IoUring, pool: Vec<AlignedBuf>, file: Arc<File>, defer: bool) -> Self {
         Self {
             ring,
             free_fixed: (0..pool.len()).collect(),
@@ -259,16 +343,80 @@ impl RingState {
             backlog: VecDeque::new(),
             inflight: 0,
             cqes: Vec::new(),
+            defer,
+            awaited: 0,
+            watchers: 0,
+            signals: true,
         }
+    }
+
+    /// Lazy writes are in flight and their completions signal nobody.
+    #[cfg(test)]
+    fn unwatched(&self) -> bool {
+        self.inflight > 0 && !self.signals
+    }
+
+    /// Turns the eventfd's signals on while someone waits for a completion, off otherwise.
+    /// Returns whether they were just turned on: completion work the kernel queued while they
+    /// were off signalled nobody, and it signals again only once that queue has been run.
+    fn update_signals(&mut self) -> bool {
+        // A backlogged I/O waits for a slot, i.e. for a completion to be taken.
+        let on = !self.defer || self.awaited > 0 || self.watchers > 0 || !self.backlog.is_empty();
+        self.set_signals(on)
+    }
+
+    /// Turns the eventfd's signals on or off; returns whether they were just turned on.
+    fn set_signals(&mut self, on: bool) -> bool {
+        if on == self.signals {
+            return false;
+        }
+        self.signals = on;
+        let cq = self.ring.completion();
+        if on {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
+        // Orders the flag's store before the load of the kernel's "work queued" flag that
+        // follows (the kernel queues, then sets its flag, then reads ours).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        on
+    }
+
+    /// Runs whatever completion work the kernel holds for us, flagged or not, and answers it
+    /// (the backstop's call: the kernel may keep part of a large batch without setting its
+    /// "work queued" flag again).
+    fn take_held_back(&mut self) {
+        if self.defer {
+            /// IORING_ENTER_GETEVENTS (include/uapi/linux/io_uring.h).
+            const GETEVENTS: u32 = 1;
+            // SAFETY: an enter that submits nothing and passes no argument: the kernel touches
+            // no memory of ours but the rings, which it owns with us.
+            let _ = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 0, GETEVENTS, None)
+            };
+        }
+        self.submit_and_reap();
     }
 
     /// Submits what is queued (without waiting) and answers every completion there is.
     fn submit_and_reap(&mut self) {
         loop {
-            // io_uring_enter only with something to submit: the crate's submit() enters the
-            // kernel even for an empty queue, and that was two system calls per I/O for nothing
-            // (completions are seen in the shared ring without one).
-            if !self.ring.submission().is_empty() {
+            // Deferred mode: no signals while we enter the kernel ourselves. The completions
+            // it posts during the call are taken right after it; a signal for them would
+            // only wake the reaper once more, for nothing.
+            if self.defer {
+                self.set_signals(false);
+            }
+            // io_uring_enter only with something to submit, or (deferred mode) with
+            // completion work the kernel queued for us: the crate's submit() enters the
+            // kernel even for an empty queue, and that was two system calls per I/O for
+            // nothing (completions are seen in the shared ring without one). With work
+            // queued, submit() asks for it to be run (IORING_ENTER_GETEVENTS).
+            let queued_work = self.defer && self.ring.submission().taskrun();
+            if !self.ring.submission().is_empty() || queued_work {
                 if let Err(e) = self.ring.submit() {
                     if e.raw_os_error() != Some(libc::EINTR)
                         && e.raw_os_error() != Some(libc::EBUSY)
@@ -277,9 +425,14 @@ impl RingState {
                     }
                 }
             }
-            // Again only if reaping started backlogged I/O; later completions signal the
-            // eventfd.
-            if !self.reap_once() || self.ring.submission().is_empty() {
+            // Again if reaping started backlogged I/O, or if signals just came on with work
+            // queued while they were off; later completions signal the eventfd when someone
+            // waits for them.
+            let reaped = self.reap_once();
+            let turned_on = self.update_signals();
+            let again = (reaped && !self.ring.submission().is_empty())
+                || (turned_on && self.ring.submission().taskrun());
+            if !again {
                 return;
             }
         }
@@ -408,6 +561,7 @@ impl RingState {
                     reply: Done::Write(tx),
                     is_write: false,
                     rw_flags: 0,
+                    lazy: false,
                 },
                 true,
             ),
@@ -430,6 +584,7 @@ impl RingState {
                         reply: Done::Read(tx),
                         is_write: false,
                         rw_flags: 0,
+                        lazy: false,
                     },
                     false,
                 )
@@ -438,6 +593,7 @@ impl RingState {
                 off,
                 data,
                 dsync,
+                lazy,
                 tx,
             } => {
                 let len = data.len();
@@ -466,11 +622,13 @@ impl RingState {
                         reply: Done::Write(tx),
                         is_write: true,
                         rw_flags: if dsync { libc::RWF_DSYNC } else { 0 },
+                        lazy,
                     },
                     false,
                 )
             }
         };
+        let inflight_lazy = inflight.lazy;
         let slot = match self.free_slots.pop() {
             Some(s) => {
                 self.slots[s] = Some(inflight);
@@ -489,6 +647,9 @@ impl RingState {
         } else {
             self.sqe_for(slot)
         };
+        if !inflight_lazy {
+            self.awaited += 1;
+        }
         self.push(sqe);
         self.inflight += 1;
         true
@@ -508,6 +669,9 @@ impl RingState {
         let f = self.slots[slot].take().expect("slot in use");
         self.free_slots.push(slot);
         self.inflight -= 1;
+        if !f.lazy {
+            self.awaited -= 1;
+        }
         let result = if res < 0 {
             Err(io::Error::from_raw_os_error(-res))
         } else if res == 0 && f.len > 0 {
@@ -546,5 +710,122 @@ impl RingState {
                 let _ = tx.send(Err(io::Error::other("read without a buffer")));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A ring on a fresh 1 MiB file, O_DIRECT on a disk-backed filesystem (as the engine
+    /// tests: `CAIRN_TEST_DIR`, else /var/tmp), so that writes complete later, from the device.
+    fn ring(backstop: Duration) -> (tempfile::TempDir, Ring) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir_in(
+            std::env::var("CAIRN_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()),
+        )
+        .unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let ring = Ring::with_backstop(Arc::new(file), backstop).unwrap();
+        assert!(
+            ring.state.lock().unwrap().defer,
+            "the current-thread scheduler gets a ring with deferred completion work"
+        );
+        (dir, ring)
+    }
+
+    fn block(byte: u8) -> Bytes {
+        AlignedBuf::copy_from(&[byte; 4096]).into_bytes()
+    }
+
+    /// Bounds a wait that must end (a liveness check, not a timing one: the bound is far
+    /// beyond any disk write, and far below the hour-long backstop).
+    async fn soon<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("completion never taken")
+    }
+
+    /// A batched write, queued (polled once: the submitter submits it on its next turn), then
+    /// left 50 ms to the device with nobody asking for its completion.
+    async fn left_alone(
+        r: &Ring,
+        off: u64,
+        byte: u8,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>> + '_>> {
+        let mut lazy = Box::pin(r.write_batched(off, block(byte)));
+        assert!(futures::poll!(lazy.as_mut()).is_pending());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lazy
+    }
+
+    /// With nothing else in flight and nobody asking, a batched write's completion is still
+    /// taken (by the backstop).
+    #[tokio::test]
+    async fn lone_batched_write_completes() {
+        let (_d, r) = ring(BACKSTOP);
+        soon(r.write_batched(0, block(1))).await.unwrap();
+        assert_eq!(soon(r.read(0, 4096)).await.unwrap().as_ref(), &[1u8; 4096]);
+    }
+
+    /// A batched write's completion, queued by the kernel while nobody listened, is taken by
+    /// the next I/O someone waits for; and that I/O's own completion is not lost behind it.
+    #[tokio::test]
+    async fn next_awaited_io_takes_a_batched_completion() {
+        let (_d, r) = ring(HOUR);
+        let lazy = left_alone(&r, 8192, 2).await;
+        assert!(r.state.lock().unwrap().unwatched());
+        soon(r.write(0, block(3), true)).await.unwrap();
+        soon(lazy).await.unwrap();
+        assert_eq!(
+            soon(r.read(8192, 4096)).await.unwrap().as_ref(),
+            &[2u8; 4096]
+        );
+    }
+
+    /// Someone waiting on a batched write (`watch`) gets its completion, whether it came
+    /// before the call or comes after it, or the write is only queued at the call; once the
+    /// watch is dropped, completions signal nobody again.
+    #[tokio::test]
+    async fn watch_takes_batched_completions() {
+        let (_d, r) = ring(HOUR);
+        // Completed before the call: taken by it.
+        let lazy = left_alone(&r, 0, 4).await;
+        let w = r.watch();
+        soon(lazy).await.unwrap();
+        drop(w);
+        // Still in flight at the call: its completion signals.
+        let lazy = r.write_batched(4096, block(5));
+        tokio::pin!(lazy);
+        assert!(futures::poll!(lazy.as_mut()).is_pending());
+        tokio::task::yield_now().await; // the submitter submits it
+        let w = r.watch();
+        soon(lazy).await.unwrap();
+        drop(w);
+        // Queued after the call (its holder had not got that far): signals too.
+        let w = r.watch();
+        soon(r.write_batched(0, block(6))).await.unwrap();
+        drop(w);
+        let lazy = left_alone(&r, 8192, 7).await;
+        assert!(
+            !r.state.lock().unwrap().signals,
+            "no signals once the watch is gone"
+        );
+        drop(soon(r.read(0, 4096)).await.unwrap());
+        soon(lazy).await.unwrap();
+        assert_eq!(
+            soon(r.read(0, 8192)).await.unwrap().as_ref()[4096..],
+            [5u8; 4096]
+        );
     }
 }
