@@ -109,10 +109,23 @@ mod tests {
     /// A settle arriving while a chunk's first mark is still being put leaves the chunk in the
     /// record (its write has not run yet); concurrent first writes to one chunk all wait for
     /// the same put.
-    #[tokio::test]
-    async fn a_mark_in_progress_is_not_settled() {
+    #[test]
+    fn a_mark_in_progress_is_not_settled() {
+        // One blocking thread, taken by `held` until the test lets it go: the first mark's put
+        // queues behind it, so it is still running when the settle arrives. (Without the hold,
+        // a put finishing before the first poll returned, on a busy machine, failed the test.)
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(a_mark_in_progress_is_not_settled_on_one_blocking_thread());
+    }
+
+    async fn a_mark_in_progress_is_not_settled_on_one_blocking_thread() {
         let dir = tempfile::tempdir().unwrap();
         let a = Activity::open(dir.path()).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || held.recv());
         {
             let mut first = std::pin::pin!(a.mark(1, 9, 5));
             assert!(futures::poll!(first.as_mut()).is_pending());
@@ -120,9 +133,11 @@ mod tests {
             assert!(futures::poll!(second.as_mut()).is_pending());
             a.settle(1, &[(9, u64::MAX)]).unwrap();
             assert_eq!(a.list(1), vec![9], "settled while its put was running");
+            release.send(()).unwrap();
             first.await.unwrap();
             second.await.unwrap();
         }
+        hold.await.unwrap().unwrap();
         assert_eq!(a.list(1), vec![9]);
         // Durable now with seq 6: a settle up to 5 keeps it, up to 6 removes it.
         a.settle(1, &[(9, 5)]).unwrap();
