@@ -20,7 +20,7 @@ impl Harness for Mem {
     fn engine(&self) -> &MemEngine {
         &self.0
     }
-    fn corrupt(&self, chunk: ChunkId, block: usize) {
+    async fn corrupt(&self, chunk: ChunkId, block: usize) {
         self.0.corrupt(chunk, block);
     }
 }
@@ -49,11 +49,9 @@ impl Harness for Disk {
     fn engine(&self) -> &DiskEngine {
         &self.engine
     }
-    fn corrupt(&self, chunk: ChunkId, block: usize) {
+    async fn corrupt(&self, chunk: ChunkId, block: usize) {
         // The in-place copy of a just-acknowledged write may still be on its way.
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(self.engine.settle())
-        });
+        self.engine.settle().await;
         let at = self
             .engine
             .disk_offset(chunk, block as u64 * BLOCK_SIZE)
@@ -89,11 +87,9 @@ async fn open_disk_with(
     (e, path)
 }
 
-fn make_disk(kind: IoKind) -> Disk {
+async fn make_disk(kind: IoKind) -> Disk {
     let dir = disk_dir();
-    let (engine, path) = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(open_disk_with(&dir, 16, kind))
-    });
+    let (engine, path) = open_disk_with(&dir, 16, kind).await;
     assert_eq!(engine.uses_uring(), kind == IoKind::Uring);
     Disk {
         engine,
@@ -105,7 +101,7 @@ fn make_disk(kind: IoKind) -> Disk {
 /// The conformance suite on the in-memory engine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_mem() {
-    conformance::run_all(|| Mem(MemEngine::new(16))).await;
+    conformance::run_all(|| async { Mem(MemEngine::new(16)) }).await;
 }
 
 struct Faulty(FaultEngine<MemEngine>);
@@ -115,7 +111,7 @@ impl Harness for Faulty {
     fn engine(&self) -> &Self::E {
         &self.0
     }
-    fn corrupt(&self, chunk: ChunkId, block: usize) {
+    async fn corrupt(&self, chunk: ChunkId, block: usize) {
         self.0.inner().corrupt(chunk, block);
     }
 }
@@ -123,7 +119,7 @@ impl Harness for Faulty {
 /// The fault-injecting wrapper with no fault installed is a faithful engine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_fault_wrapper() {
-    conformance::run_all(|| Faulty(FaultEngine::new(MemEngine::new(16)))).await;
+    conformance::run_all(|| async { Faulty(FaultEngine::new(MemEngine::new(16))) }).await;
 }
 
 /// Faults by domain × operation × stage: EIO before (nothing written) and after (written,
@@ -226,6 +222,73 @@ async fn conformance_disk_sync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_disk_uring() {
     conformance::run_all(|| make_disk(IoKind::Uring)).await;
+}
+
+/// The failpoint that gives io_uring rings opened while it lives an hour-long backstop (see
+/// `engine::uring`): an I/O someone waits for but the ring never reports then hangs its test
+/// instead of finishing 5 ms late.
+#[cfg(feature = "failpoints")]
+struct HourBackstop;
+
+#[cfg(feature = "failpoints")]
+impl HourBackstop {
+    fn set() -> Self {
+        fail::cfg("uring-backstop-hour", "return").unwrap();
+        Self
+    }
+}
+
+#[cfg(feature = "failpoints")]
+impl Drop for HourBackstop {
+    fn drop(&mut self) {
+        fail::remove("uring-backstop-hour");
+    }
+}
+
+/// Bounds a wait that must end: a liveness check, not a timing one (far beyond any disk I/O
+/// here, far below the hour-long backstop).
+#[cfg(feature = "failpoints")]
+async fn soon<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), f)
+        .await
+        .expect("never woken: an I/O waited on was not reported")
+}
+
+/// The conformance suite over io_uring on the current-thread runtime the daemons run by
+/// default, where the ring defers its completion work and reports it only to those waiting.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn conformance_disk_uring_deferred() {
+    let _hour = HourBackstop::set();
+    soon(conformance::run_all(|| async {
+        let d = make_disk(IoKind::Uring).await;
+        assert!(d.engine.defers_completions());
+        d
+    }))
+    .await;
+}
+
+/// On a deferred ring, whatever waits for a small write's in-place step (whose completion no
+/// one is told of by default) is told when it lands: a write or a read of its blocks, a
+/// discard of its chunk, a checkpoint, `settle`.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn waits_on_in_place_steps_end() {
+    let _hour = HourBackstop::set();
+    let dir = disk_dir();
+    let (e, _) = open_disk_with(&dir, 4, IoKind::Uring).await;
+    assert!(e.defers_completions());
+    let block = |b: u8| Bytes::from(vec![b; BLOCK_SIZE as usize]);
+    soon(e.write(C, 0, block(1))).await.unwrap();
+    soon(e.write(C, 0, block(2))).await.unwrap();
+    assert_eq!(soon(e.read(C, 0, BLOCK_SIZE)).await.unwrap(), block(2));
+    soon(e.write(C, BLOCK_SIZE, block(3))).await.unwrap();
+    soon(e.discard(C, 0, CHUNK_SIZE)).await.unwrap();
+    soon(e.write(C, 0, block(4))).await.unwrap();
+    soon(e.checkpoint()).await.unwrap();
+    soon(e.write(C, 0, block(5))).await.unwrap();
+    soon(e.settle()).await;
+    assert_eq!(soon(e.read(C, 0, BLOCK_SIZE)).await.unwrap(), block(5));
 }
 
 /// Data written through one backend reads back through the other: same on-disk format.

@@ -12,7 +12,8 @@ pub trait Harness: Send + Sync + 'static {
     type E: ChunkEngine;
     fn engine(&self) -> &Self::E;
     /// Damages one mapped block's stored bytes without updating its checksum.
-    fn corrupt(&self, chunk: ChunkId, block: usize);
+    fn corrupt(&self, chunk: ChunkId, block: usize)
+        -> impl std::future::Future<Output = ()> + Send;
 }
 
 fn pattern(seed: u64, len: usize) -> Bytes {
@@ -35,13 +36,13 @@ const C: ChunkId = ChunkId {
 const B: usize = BLOCK_SIZE as usize;
 
 /// Runs every check on fresh engines from `make`.
-pub async fn run_all<H: Harness>(make: impl Fn() -> H) {
-    thin_reads_zero(&make()).await;
-    write_read_round_trip(&make()).await;
-    invalid_requests_change_nothing(&make()).await;
-    discard_and_write_zeroes(&make()).await;
-    corruption_is_reported(&make()).await;
-    concurrent_writes_and_racing_reads(Arc::new(make())).await;
+pub async fn run_all<H: Harness, F: std::future::Future<Output = H>>(make: impl Fn() -> F) {
+    thin_reads_zero(&make().await).await;
+    write_read_round_trip(&make().await).await;
+    invalid_requests_change_nothing(&make().await).await;
+    discard_and_write_zeroes(&make().await).await;
+    corruption_is_reported(&make().await).await;
+    concurrent_writes_and_racing_reads(Arc::new(make().await)).await;
 }
 
 /// Thin chunks: never-written blocks, and chunks, read as zeros and take no space.
@@ -181,7 +182,7 @@ pub async fn discard_and_write_zeroes<H: Harness>(h: &H) {
 pub async fn corruption_is_reported<H: Harness>(h: &H) {
     let e = h.engine();
     e.write(C, 0, pattern(8, 4 * B)).await.unwrap();
-    h.corrupt(C, 2);
+    h.corrupt(C, 2).await;
     let before = e.stats().corrupt_reads;
     match e.read(C, 0, 4 * BLOCK_SIZE).await {
         Err(EngineError::Corrupt { chunk, block }) => assert_eq!((chunk, block), (C, 2)),

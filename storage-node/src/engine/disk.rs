@@ -154,6 +154,12 @@ impl DiskEngine {
         self.s.file.uses_uring()
     }
 
+    /// Whether its io_uring ring defers completion work to the runtime's own enters (see
+    /// [`super::uring`]).
+    pub fn defers_completions(&self) -> bool {
+        self.s.file.defers_completions()
+    }
+
     /// Whether the disk is opened with O_DIRECT (false only where the filesystem refused it).
     pub fn direct_io(&self) -> bool {
         self.s.file.direct

@@ -133,6 +133,12 @@ impl DiskFile {
         self.ring.is_some()
     }
 
+    /// Whether the ring defers its completion work to the runtime's own enters
+    /// ([`super::uring`]: on the current-thread runtime).
+    pub fn defers_completions(&self) -> bool {
+        self.ring.as_ref().is_some_and(|r| r.defers_completions())
+    }
+
     pub fn size(&self) -> io::Result<u64> {
         let m = self.file.metadata()?;
         if m.file_type().is_file() {

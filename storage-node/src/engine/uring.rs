@@ -69,6 +69,16 @@ enum Req {
     },
 }
 
+/// [`BACKSTOP`]; an hour for the tests that check no waiter depends on it (the
+/// `uring-backstop-hour` failpoint, compiled in only with the `failpoints` feature): one that
+/// does then hangs instead of passing late.
+fn backstop() -> std::time::Duration {
+    fail::fail_point!("uring-backstop-hour", |_| std::time::Duration::from_secs(
+        3600
+    ));
+    BACKSTOP
+}
+
 /// A ring for one disk.
 pub struct Ring {
     state: Arc<Mutex<RingState>>,
@@ -83,7 +93,7 @@ impl Ring {
     /// `kernel.io_uring_disabled`, or outside a tokio runtime), registers its buffers and an
     /// eventfd for completions, and starts the task that reaps them.
     pub fn new(file: Arc<File>) -> io::Result<Self> {
-        Self::with_backstop(file, BACKSTOP)
+        Self::with_backstop(file, backstop())
     }
 
     /// [`Ring::new`] with another [`BACKSTOP`] (tests use an hour: every completion must then
@@ -145,6 +155,11 @@ impl Ring {
             kick,
             submitter,
         })
+    }
+
+    /// Whether completion work waits for the runtime's own enters (see the module's doc).
+    pub fn defers_completions(&self) -> bool {
+        self.state.lock().expect("ring lock").defer
     }
 
     /// Someone waits on a batched write (for its blocks, or for all of them): until the
@@ -426,8 +441,8 @@ impl RingState {
                 }
             }
             // Again if reaping started backlogged I/O, or if signals just came on with work
-            // queued while they were off; later completions signal the eventfd when someone
-            // waits for them.
+            // queued while they were off (the kernel flags again what it kept back of a large
+            // batch); later completions signal the eventfd when someone waits for them.
             let reaped = self.reap_once();
             let turned_on = self.update_signals();
             let again = (reaped && !self.ring.submission().is_empty())
