@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cairn_client::data::local_socket_name;
 use cairn_client::MetaClient;
 use cairn_proto::metadata as pb;
 
@@ -144,15 +145,25 @@ impl Node {
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
+        let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+        // Clients on this host find the node here, by the address it advertises. A failure
+        // (the name held by a node of another cluster advertising the same address, say)
+        // leaves them TCP.
+        let local = match tokio::net::UnixListener::bind(local_socket_name(&advertise)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, %advertise, "no Unix socket for clients on this host; they use TCP");
+                None
+            }
+        };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let mut tasks = vec![tokio::spawn(server.clone().serve(listener, async {
+        let mut tasks = vec![tokio::spawn(server.clone().serve(listener, local, async {
             let _ = rx.await;
         }))];
         if cfg.meta.is_empty() {
             tracing::warn!("no metadata service given: running standalone, unregistered");
         } else {
             let client = MetaClient::new(&cfg.meta)?;
-            let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
             let (id_tx, id_rx) = tokio::sync::watch::channel(None);
             tasks.push(tokio::spawn(heartbeat_loop(
                 (client, MetaClient::new(&cfg.meta)?),

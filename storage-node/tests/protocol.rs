@@ -23,7 +23,12 @@ struct Node {
     _dir: tempfile::TempDir,
 }
 
+/// A node serving its TCP address and, like a daemon, its Unix socket for this host.
 async fn node() -> Node {
+    node_with(true).await
+}
+
+async fn node_with(local_socket: bool) -> Node {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let disk = dir.path().join("disk");
     DiskEngine::create_file(&disk, DiskEngine::file_size_for(8)).unwrap();
@@ -47,7 +52,14 @@ async fn node() -> Node {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let local = local_socket.then(|| {
+        tokio::net::UnixListener::bind(cairn_client::data::local_socket_name(&addr)).unwrap()
+    });
+    tokio::spawn(
+        server
+            .clone()
+            .serve(listener, local, std::future::pending()),
+    );
     Node {
         addr,
         server,
@@ -75,10 +87,43 @@ fn status(r: &pb::Response) -> pb::Status {
 }
 
 /// Every op round-trips over TCP, and 64 pipelined writes on one connection all land.
+/// A client on the node's host reaches it over its Unix socket; every op works there as over
+/// TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trip_and_pipelining() {
+async fn round_trip_and_pipelining_over_the_local_socket() {
     let n = node().await;
-    let c = Arc::new(DataClient::connect(&n.addr).await.unwrap());
+    let c = DataClient::connect(&n.addr).await.unwrap();
+    assert!(
+        c.local,
+        "a node on this host is reached over its Unix socket"
+    );
+    round_trip_and_pipelining(&n, c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_and_pipelining_over_tcp() {
+    let n = node().await;
+    let c = DataClient::connect_tcp(&n.addr).await.unwrap();
+    assert!(!c.local);
+    round_trip_and_pipelining(&n, c).await;
+}
+
+/// Without the node's Unix socket (a node elsewhere, or one that could not bind it), a client
+/// connects over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_local_socket_the_client_uses_tcp() {
+    let n = node_with(false).await;
+    let c = DataClient::connect(&n.addr).await.unwrap();
+    assert!(!c.local);
+    let (r, _) = c
+        .call(req(pb::Op::Flush, 0, 0, 0, 1), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status(&r), pb::Status::Ok);
+}
+
+async fn round_trip_and_pipelining(n: &Node, c: DataClient) {
+    let c = Arc::new(c);
     assert_eq!(c.node_uuid, n.server.node_uuid);
     let data = Bytes::from(vec![0xC4u8; 8192]);
     let (r, _) = c

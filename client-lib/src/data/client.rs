@@ -9,7 +9,8 @@ use bytes::Bytes;
 use cairn_proto::data as pb;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -25,6 +26,8 @@ pub struct DataClient {
     pending: Pending,
     next_id: AtomicU64,
     pub node_uuid: String,
+    /// Connected over the node's Unix socket (same host), not TCP.
+    pub local: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +43,32 @@ pub enum ClientError {
 }
 
 impl DataClient {
+    /// Connects to the node advertising `addr`: over its Unix socket if it runs on this host
+    /// (see [`super::local_socket_name`]), else over TCP.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        match UnixStream::connect(super::local_socket_name(addr)).await {
+            Ok(stream) => {
+                let (r, w) = super::local::split(stream.into_std()?)?;
+                Self::handshake(r, w, true).await
+            }
+            // No such socket here (the usual "connection refused"): the node is elsewhere.
+            Err(_) => Self::connect_tcp(addr).await,
+        }
+    }
+
+    /// Connects over TCP, even to a node on this host.
+    pub async fn connect_tcp(addr: &str) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
+        Self::handshake(r, w, false).await
+    }
+
+    async fn handshake(
+        r: impl AsyncRead + Unpin + Send + 'static,
+        w: impl AsyncWrite + Unpin + Send + 'static,
+        local: bool,
+    ) -> Result<Self, ClientError> {
         let mut reader = FramedRead::new(r, FrameCodec);
         let mut writer = FramedWrite::new(w, FrameCodec);
         let hello = pb::Hello {
@@ -95,6 +120,7 @@ impl DataClient {
             pending,
             next_id: AtomicU64::new(1),
             node_uuid: welcome.node_uuid,
+            local,
         })
     }
 

@@ -1,14 +1,32 @@
 //! The client side of the data protocol (DESIGN.md §4): TCP, length-prefixed frames of a
 //! prost header and a raw payload, many requests in flight per connection.
 //!
+//! A node on the client's own host is reached over a Unix socket instead (the same frames):
+//! each node also listens on the abstract socket [`local_socket_name`] of the address it
+//! advertises, and a client tries that first. Loopback TCP costs both ends the whole TCP
+//! stack (segments, ACKs, the receive softirq) for every frame, a Unix socket only a copy and
+//! a wake-up; on a hyperconverged host the local replica is one member of every group placed
+//! there. Abstract names live in the network namespace, not the filesystem: nothing to clean
+//! up after a crash, and a client in another namespace (a container) simply finds none and
+//! uses TCP.
+//!
 //! - [`frame`]: the frame codec (pure, fuzzed; the storage node's server uses it too).
 //! - [`client`]: a pipelined client.
+//! - [`local`]: the Unix socket transport to a node on this host.
 //! - [`writer`]: a connection's writer task, batching the frames ready together.
 
 pub mod client;
 pub mod frame;
+pub mod local;
 pub mod writer;
 
 /// Protocol version spoken by this build; the handshake refuses any other.
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const HELLO_MAGIC: &str = "cairn-data";
+
+/// The abstract Unix socket (leading NUL) on which the node advertising `addr` also listens.
+/// Only the process holding `addr`'s TCP listener can have bound it first, so the name finds
+/// that node (and a request names its disk, which another node would not have).
+pub fn local_socket_name(addr: &str) -> String {
+    format!("\0cairn-data/{addr}")
+}

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use cairn_proto::data as pb;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -128,39 +129,72 @@ impl<E: ChunkEngine> DataServer<E> {
         self.disks.get(uuid)
     }
 
-    /// Serves `listener` until `shutdown` completes.
+    /// Serves `listener`, and `local` (this node's Unix socket for clients on its host, see
+    /// [`cairn_client::data::local_socket_name`]) if given, until `shutdown` completes.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        local: Option<UnixListener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let local_accept = async |l: &Option<UnixListener>| match l {
+            Some(l) => l.accept().await,
+            None => std::future::pending().await,
+        };
         loop {
-            tokio::select! {
+            let failed = tokio::select! {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let s = self.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = s.connection(stream).await {
-                                tracing::debug!(%peer, error = %e, "data connection closed");
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::debug!(%peer, error = %e, "data connection closed");
+                            continue;
+                        }
+                        let (r, w) = stream.into_split();
+                        self.clone().spawn_connection(r, w, peer.to_string());
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                accepted = local_accept(&local) => match accepted {
+                    Ok((stream, _)) => {
+                        match stream.into_std().and_then(cairn_client::data::local::split) {
+                            Ok((r, w)) => {
+                                self.clone().spawn_connection(r, w, "this host".to_owned())
                             }
-                        });
+                            Err(e) => tracing::debug!(error = %e, "local data connection closed"),
+                        }
+                        continue;
                     }
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait, do not spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
+                    Err(e) => e,
+                },
+            };
+            // Out of file descriptors and the like: wait, do not spin.
+            tracing::warn!(error = %failed, "accept failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream) -> anyhow::Result<()> {
-        stream.set_nodelay(true)?;
+    fn spawn_connection(
+        self: Arc<Self>,
+        r: impl AsyncRead + Unpin + Send + 'static,
+        w: impl AsyncWrite + Unpin + Send + 'static,
+        peer: String,
+    ) {
+        tokio::spawn(async move {
+            if let Err(e) = self.connection(r, w).await {
+                tracing::debug!(%peer, error = %e, "data connection closed");
+            }
+        });
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        r: impl AsyncRead + Unpin + Send + 'static,
+        w: impl AsyncWrite + Unpin + Send + 'static,
+    ) -> anyhow::Result<()> {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (r, w) = stream.into_split();
         let mut reader = FramedRead::new(r, FrameCodec);
         let mut writer = FramedWrite::new(w, FrameCodec);
 

@@ -1,0 +1,229 @@
+//! A Unix stream socket split into a reader and a writer, registered with the reactor for
+//! reads only: the transport to a node on this host ([`super::local_socket_name`]).
+//!
+//! Why not tokio's `UnixStream`: it registers every socket for writability too, and a Unix
+//! socket signals "writable" each time its peer *reads* (the kernel frees the sent data and
+//! wakes whoever polls for room). With epoll that is one more wake-up of the writing process
+//! per message it sends, for nothing: about a quarter of a gateway's and a node's wake-ups
+//! at QD1 (BENCHMARKS.md, session 8). TCP signals room only to a writer that ran out of it.
+//! Here the writer writes straight away and registers for writability only while a write waits
+//! for room (the peer not reading), on a duplicate of the descriptor, dropped as soon as the
+//! write goes through.
+
+use std::io::{self, IoSlice, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+
+/// The read half.
+pub struct LocalReader(Arc<AsyncFd<UnixStream>>);
+
+/// The write half.
+pub struct LocalWriter {
+    sock: Arc<AsyncFd<UnixStream>>,
+    /// Registered for writability while a write waits for room, `None` otherwise.
+    room: Option<AsyncFd<UnixStream>>,
+    /// Writes that had to wait for room.
+    #[cfg(test)]
+    waits: usize,
+}
+
+/// Splits a connected stream (any blocking mode; it is made non-blocking) into its halves.
+/// Must run inside a tokio runtime.
+pub fn split(sock: UnixStream) -> io::Result<(LocalReader, LocalWriter)> {
+    sock.set_nonblocking(true)?;
+    let sock = Arc::new(register(sock, Interest::READABLE)?);
+    Ok((
+        LocalReader(sock.clone()),
+        LocalWriter {
+            sock,
+            room: None,
+            #[cfg(test)]
+            waits: 0,
+        },
+    ))
+}
+
+fn register(sock: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixStream>> {
+    // SAFETY: the stream owns its descriptor and keeps it open, the same one, until it is
+    // dropped, which is when the AsyncFd holding it is.
+    unsafe { AsyncFd::register_with_interest(sock, interest) }
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+impl AsyncRead for LocalReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            // SAFETY: only `recv` writes into these bytes, and `assume_init` below covers just
+            // the ones it wrote.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let got = guard.try_io(|s| {
+                // SAFETY: `recv` writes at most `unfilled.len()` bytes into the buffer, which
+                // outlives the call, and reads nothing from it.
+                let n = unsafe {
+                    libc::recv(
+                        s.as_raw_fd(),
+                        unfilled.as_mut_ptr().cast(),
+                        unfilled.len(),
+                        0,
+                    )
+                };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            });
+            match got {
+                Ok(Ok(n)) => {
+                    // SAFETY: `recv` initialised the first `n` bytes of the unfilled part.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Nothing to read after all: readiness is cleared, wait for the next.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl LocalWriter {
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl Fn(&UnixStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if let Some(room) = &self.room {
+                let mut guard = ready!(room.poll_write_ready(cx))?;
+                match guard.try_io(|s| write(s.get_ref())) {
+                    Err(_would_block) => continue,
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(done) => {
+                        drop(guard);
+                        // Room again: stop listening for it.
+                        self.room = None;
+                        return Poll::Ready(done);
+                    }
+                }
+            }
+            match write(self.sock.get_ref()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Full: wait for room. A registration reports the socket's state at once,
+                    // so room made since the failed write is not missed.
+                    let dup = self.sock.get_ref().try_clone()?;
+                    self.room = Some(register(dup, Interest::WRITABLE)?);
+                    #[cfg(test)]
+                    {
+                        self.waits += 1;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for LocalWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_io(cx, |mut s| s.write(data))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_io(cx, |mut s| s.write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Nothing buffered here: a write is in the socket once it returns.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.sock.get_ref().shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A writer far ahead of its reader waits for room and loses nothing; the reader sees the
+    /// end once the writer shuts down.
+    #[tokio::test]
+    async fn a_full_socket_waits_for_room_and_keeps_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (_ar, mut aw) = split(a).unwrap();
+        let (mut br, _bw) = split(b).unwrap();
+        // Far more than a Unix socket buffers (a few hundred KiB).
+        let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(100_000) {
+                aw.write_all(piece).await.unwrap();
+            }
+            assert!(aw.room.is_none(), "no longer listening for room");
+            aw.shutdown().await.unwrap();
+            aw.waits
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 7000];
+        loop {
+            let n = br.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            // A slow reader: the writer fills the socket.
+            if got.len() % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(
+            writer.await.unwrap() > 0,
+            "the writer never filled the socket"
+        );
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes lost or reordered");
+    }
+
+    /// Vectored writes go out whole and in order.
+    #[tokio::test]
+    async fn vectored_writes() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (_ar, mut aw) = split(a).unwrap();
+        let (mut br, _bw) = split(b).unwrap();
+        let parts = [
+            IoSlice::new(b"head"),
+            IoSlice::new(b"er+"),
+            IoSlice::new(b"payload"),
+        ];
+        let n = aw.write_vectored(&parts).await.unwrap();
+        assert_eq!(n, 14);
+        let mut got = [0u8; 14];
+        br.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"header+payload");
+    }
+}
