@@ -96,7 +96,7 @@ impl DataClient {
         }
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        tokio::spawn(super::writer::write_frames(rx, writer));
+        tokio::spawn(super::writer::write_frames(rx, writer.into_inner()));
         let p = pending.clone();
         tokio::spawn(async move {
             while let Some(Ok(f)) = reader.next().await {

@@ -80,22 +80,29 @@ impl Encoder<Frame> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, f: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
-        if f.header.is_empty() {
-            return Err(FrameError::EmptyHeader);
-        }
-        if f.header.len() > MAX_HEADER {
-            return Err(FrameError::HeaderTooLarge(f.header.len()));
-        }
-        if f.payload.len() > MAX_PAYLOAD {
-            return Err(FrameError::PayloadTooLarge(f.payload.len()));
-        }
         dst.reserve(PREFIX + f.header.len() + f.payload.len());
-        dst.put_u32_le(u32::try_from(f.header.len()).expect("checked above"));
-        dst.put_u32_le(u32::try_from(f.payload.len()).expect("checked above"));
-        dst.extend_from_slice(&f.header);
+        encode_head(&f, dst)?;
         dst.extend_from_slice(&f.payload);
         Ok(())
     }
+}
+
+/// Appends a frame's length prefix and header to `dst`, not its payload: the payload follows
+/// them on the wire, and a writer can send it from where it is (`writer`).
+pub fn encode_head(f: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+    if f.header.is_empty() {
+        return Err(FrameError::EmptyHeader);
+    }
+    if f.header.len() > MAX_HEADER {
+        return Err(FrameError::HeaderTooLarge(f.header.len()));
+    }
+    if f.payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::PayloadTooLarge(f.payload.len()));
+    }
+    dst.put_u32_le(u32::try_from(f.header.len()).expect("checked above"));
+    dst.put_u32_le(u32::try_from(f.payload.len()).expect("checked above"));
+    dst.extend_from_slice(&f.header);
+    Ok(())
 }
 
 #[cfg(test)]

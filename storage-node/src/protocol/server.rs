@@ -229,7 +229,7 @@ impl<E: ChunkEngine> DataServer<E> {
         }
 
         let (tx, rx) = mpsc::channel::<Frame>(MAX_IN_FLIGHT);
-        let write_task = tokio::spawn(write_frames(rx, writer));
+        let write_task = tokio::spawn(write_frames(rx, writer.into_inner()));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
             let f = match reader.next().await {
