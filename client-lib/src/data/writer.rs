@@ -15,7 +15,7 @@ use super::frame::{encode_head, Frame, FrameError};
 /// Bytes a batch may gather before it is written.
 const BATCH_BYTES: usize = 256 << 10;
 /// Frames a batch may gather: two buffers each, within the kernel's limit of 1,024 per
-/// vectored write.
+/// vectored write (one batch, one system call).
 const BATCH_FRAMES: usize = 256;
 
 /// Writes the frames of `rx` to `w` until every sender is gone or the connection fails.
@@ -67,16 +67,26 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         }
         start = end;
     }
-    let mut rest = &mut slices[..];
+    write_all_vectored(w, &mut slices).await?;
+    Ok(())
+}
+
+/// Writes every byte of `slices`, in as few vectored writes as the socket takes (each of at
+/// most IOV_MAX, 1,024, buffers), then flushes.
+pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let mut rest = slices;
     while !rest.is_empty() {
-        let n = w.write_vectored(rest).await?;
+        let n = w.write_vectored(&rest[..rest.len().min(IOV_MAX)]).await?;
         if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
         IoSlice::advance_slices(&mut rest, n);
     }
-    w.flush().await?;
-    Ok(())
+    w.flush().await
 }
 
 /// Returns once the tasks made ready by the event that woke this one have run, so that work

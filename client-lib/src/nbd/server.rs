@@ -32,8 +32,10 @@ use crate::volume::{AttachOptions, VolumeClient, VolumeError};
 pub const MAX_REQUEST: u32 = 32 << 20;
 /// Requests in flight per connection.
 const MAX_IN_FLIGHT: usize = 64;
-/// Read and write buffers of a connection in transmission.
+/// Read buffer of a connection in transmission.
 const IO_BUFFER: usize = 256 << 10;
+/// Reply buffers gathered into one vectored send (a simple reply is one, a read's two).
+const REPLY_BATCH: usize = 512;
 
 pub struct NbdServer {
     meta_addrs: Vec<String>,
@@ -122,12 +124,11 @@ impl NbdServer {
         };
         let name = opened.vc.name().to_owned();
         tracing::info!(%peer, export = %name, structured = opened.structured, "NBD client connected");
-        // Buffered from here on (the handshake reads exact lengths, so nothing is left
+        // Reads buffered from here on (the handshake reads exact lengths, so nothing is left
         // behind): one recv takes a request's header and payload, and every request already
-        // sent; the replies ready at once go out in one send (the writer flushes when it has
-        // no more). Unbuffered, each request cost two recvs and each read reply two sends.
+        // sent (unbuffered, each request cost two). Replies are not: the ones ready at once go
+        // out in one vectored send, read data from where it is.
         let r = tokio::io::BufReader::with_capacity(IO_BUFFER, r);
-        let w = tokio::io::BufWriter::with_capacity(IO_BUFFER, w);
         if let Err(e) = transmission(&opened, r, w).await {
             tracing::info!(%peer, export = %name, error = %e, "NBD connection ended");
         }
@@ -405,19 +406,24 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
+        let mut batch = Vec::new();
         while let Some(parts) = rx.recv().await {
-            for p in parts {
-                w.write_all(&p).await?;
-            }
+            batch.extend(parts);
             // Let the other requests the same event finished queue their replies first, then
-            // write them all before flushing: one send for the batch.
+            // write them all: one send for the batch (at most 512 buffers: within IOV_MAX).
             crate::data::writer::after_tasks_ready_together().await;
-            while let Ok(parts) = rx.try_recv() {
-                for p in parts {
-                    w.write_all(&p).await?;
-                }
+            while batch.len() < REPLY_BATCH {
+                let Ok(parts) = rx.try_recv() else { break };
+                batch.extend(parts);
             }
-            w.flush().await?;
+            let mut slices: Vec<_> = batch
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| std::io::IoSlice::new(p))
+                .collect();
+            crate::data::writer::write_all_vectored(&mut w, &mut slices).await?;
+            drop(slices);
+            batch.clear();
         }
         anyhow::Ok(())
     });
@@ -447,8 +453,19 @@ where
                 let _ = tx.send(vec![simple_reply(req.cookie, EINVAL)]).await;
                 continue;
             }
-            let mut b = BytesMut::zeroed(req.length as usize);
-            r.read_exact(&mut b).await?;
+            // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+            let len = req.length as usize;
+            let mut b = BytesMut::with_capacity(len);
+            while b.len() < len {
+                if (&mut r)
+                    .take((len - b.len()) as u64)
+                    .read_buf(&mut b)
+                    .await?
+                    == 0
+                {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+            }
             b.freeze()
         } else {
             Bytes::new()
