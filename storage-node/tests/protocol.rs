@@ -122,6 +122,69 @@ async fn without_a_local_socket_the_client_uses_tcp() {
     assert_eq!(status(&r), pb::Status::Ok);
 }
 
+/// A process of another user holding the node's local socket name (taken before the node
+/// started) does not get the node's local clients: they use TCP. Needs root, to run the
+/// squatter as `nobody`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_socket_of_another_user_is_not_used() {
+    use std::os::unix::process::CommandExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs a process as another user: run the suite as root (as CI does)"
+    );
+    let n = node_with(false).await;
+    let name = cairn_client::data::local_socket_name(&n.addr);
+    // Binds the name and accepts whatever comes, answering nothing.
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         s.bind({:?})\n\
+         s.listen(8)\n\
+         print('bound', flush=True)\n\
+         conns = []\n\
+         while True:\n    conns.append(s.accept())\n",
+        name
+    );
+    /// Killed however the test ends.
+    struct Squatter(std::process::Child);
+    impl Drop for Squatter {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut squatter = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map(Squatter)
+        .expect("python3 (Debian's /usr/bin/python3)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squatter.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "bound", "the squatter could not bind the name");
+    let c = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        DataClient::connect(&n.addr),
+    )
+    .await
+    .expect("connected to the squatter, which never answers")
+    .unwrap();
+    drop(squatter);
+    assert!(!c.local, "used a socket held by another user");
+    let (r, _) = c
+        .call(req(pb::Op::Flush, 0, 0, 0, 1), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status(&r), pb::Status::Ok);
+}
+
 async fn round_trip_and_pipelining(n: &Node, c: DataClient) {
     let c = Arc::new(c);
     assert_eq!(c.node_uuid, n.server.node_uuid);

@@ -17,6 +17,14 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use super::frame::{Frame, FrameCodec};
 use super::{HELLO_MAGIC, PROTOCOL_VERSION};
 
+/// Whether the process behind a local socket runs as root or as this process's user. Abstract
+/// socket names are open to every user of the host: one who took a node's name before the node
+/// started would otherwise get the I/O of the node's local clients.
+fn trusted(s: &UnixStream) -> bool {
+    s.peer_cred()
+        .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw())
+}
+
 /// Waiting calls by request id; `None` once the connection is gone, so that a call made after
 /// the reader has stopped fails at once instead of waiting for an answer that cannot come.
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<(pb::Response, Bytes)>>>>>;
@@ -47,9 +55,13 @@ impl DataClient {
     /// (see [`super::local_socket_name`]), else over TCP.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
         match UnixStream::connect(super::local_socket_name(addr)).await {
-            Ok(stream) => {
+            Ok(stream) if trusted(&stream) => {
                 let (r, w) = super::local::split(stream.into_std()?)?;
                 Self::handshake(r, w, true).await
+            }
+            Ok(_) => {
+                tracing::warn!(%addr, "the local socket of this storage node is held by a process of another user; using TCP");
+                Self::connect_tcp(addr).await
             }
             // No such socket here (the usual "connection refused"): the node is elsewhere.
             Err(_) => Self::connect_tcp(addr).await,
