@@ -3,12 +3,13 @@
 //!
 //! A node on the client's own host is reached over a Unix socket instead (the same frames):
 //! each node also listens on the abstract socket [`local_socket_name`] of the address it
-//! advertises, and a client tries that first. Loopback TCP costs both ends the whole TCP
-//! stack (segments, ACKs, the receive softirq) for every frame, a Unix socket only a copy and
-//! a wake-up; on a hyperconverged host the local replica is one member of every group placed
-//! there. Abstract names live in the network namespace, not the filesystem: nothing to clean
-//! up after a crash, and a client in another namespace (a container) simply finds none and
-//! uses TCP.
+//! advertises, and a client tries that first. It uses it only if the process behind it runs
+//! as root or as the client's own user: such names are open to every user of the host.
+//! Loopback TCP costs both ends the whole TCP stack (segments, ACKs, the receive softirq) for
+//! every frame, a Unix socket only a copy and a wake-up; on a hyperconverged host the local
+//! replica is one member of every group placed there. Abstract names live in the network
+//! namespace, not the filesystem: nothing to clean up after a crash, and a client in another
+//! namespace (a container) simply finds none and uses TCP.
 //!
 //! - [`frame`]: the frame codec (pure, fuzzed; the storage node's server uses it too).
 //! - [`client`]: a pipelined client.
