@@ -8,7 +8,8 @@ use tokio_util::codec::{Decoder, Encoder};
 pub const MAX_HEADER: usize = 4096;
 /// Largest payload accepted: one whole chunk.
 pub const MAX_PAYLOAD: usize = 4 << 20;
-const PREFIX: usize = 8;
+/// Bytes of the length prefix before each frame's header.
+pub const PREFIX: usize = 8;
 /// Room the decoder makes when it needs more bytes and has less than [`MIN_ROOM`] spare: the
 /// frames that arrived together are then read by one system call (the reader's default room
 /// is about one frame, so one call per frame).

@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::frame::{encode_head, Frame, FrameError};
+use super::frame::{encode_head, Frame, FrameError, PREFIX};
 
 /// Bytes a batch may gather before it is written.
 const BATCH_BYTES: usize = 256 << 10;
@@ -53,14 +53,13 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     heads: &mut BytesMut,
 ) -> Result<(), FrameError> {
     heads.clear();
-    let mut ends = Vec::with_capacity(batch.len());
     for f in batch {
         encode_head(f, heads)?;
-        ends.push(heads.len());
     }
     let mut slices = Vec::with_capacity(2 * batch.len());
     let mut start = 0;
-    for (f, &end) in batch.iter().zip(&ends) {
+    for f in batch {
+        let end = start + PREFIX + f.header.len();
         slices.push(IoSlice::new(&heads[start..end]));
         if !f.payload.is_empty() {
             slices.push(IoSlice::new(&f.payload));

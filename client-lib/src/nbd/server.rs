@@ -422,7 +422,6 @@ where
                 .map(|p| std::io::IoSlice::new(p))
                 .collect();
             crate::data::writer::write_all_vectored(&mut w, &mut slices).await?;
-            drop(slices);
             batch.clear();
         }
         anyhow::Ok(())

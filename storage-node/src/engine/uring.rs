@@ -20,8 +20,7 @@
 //! late by at most that, never lost. (Otherwise the kernel interrupts the thread for each
 //! completion, and its eventfd signal wakes it once more.)
 //!
-//! I/Os of
-//! up to [`FIXED_BUF_SIZE`] go through buffers registered with the ring once at start
+//! I/Os of up to [`FIXED_BUF_SIZE`] go through buffers registered with the ring once at start
 //! (READ_FIXED / WRITE_FIXED: the kernel skips pinning pages on every I/O); larger ones use
 //! plain READ / WRITE on aligned buffers.
 
