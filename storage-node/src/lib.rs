@@ -19,8 +19,9 @@
 //! neither is reported as torn, never returned and never reported as corruption.
 //!
 //! - [`engine::fault`]: a fault-injecting wrapper for tests (EIO, ENOSPC, torn writes, latency).
-//! - [`protocol`]: the data protocol server and its request validation (the frame codec and
-//!   the client are in `cairn_client::data`).
+//! - [`protocol`]: the data protocol server (on TCP, and on a Unix socket for clients on this
+//!   host) and its request validation (the frame codec, the writer, the Unix transport and the
+//!   client are in `cairn_client::data`).
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
 //! - [`marks`]: keys made durable in RocksDB once, before the first operation needing them,
 //!   off the runtime's threads (the activity and dirty records are built on it).
