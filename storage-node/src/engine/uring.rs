@@ -1,9 +1,11 @@
 //! The io_uring backend: one ring per disk, driven from the runtime's own threads.
 //!
-//! A caller puts its request in the submission queue and submits it itself (one system call,
-//! no hand-off to another thread), or, for reads and for writes nobody waits on
-//! ([`Ring::write_batched`]: a logged write going in place), leaves it queued for a submitter
-//! task, which submits every one queued in the same turn of the runtime at once. The kernel signals completions on an eventfd
+//! A caller puts its read or write in the submission queue and leaves it there for a submitter
+//! task on the same runtime, which submits every one queued in the same turn of the runtime at
+//! once, after the tasks that were ready with it have run: the requests of one `recv` take
+//! one system call, and the kernel plugs them into one doorbell to the device; a lone request
+//! waits only for those tasks, with no hand-off to another thread. (A sync is submitted by its
+//! caller at once.) The kernel signals completions on an eventfd
 //! registered with the ring; a task on the runtime waits for it (tokio's reactor, beside the
 //! sockets), reaps every completion and answers each through a oneshot channel — so an I/O
 //! costs one wake-up of a runtime thread, not a round trip through a ring thread.
@@ -82,7 +84,7 @@ fn backstop() -> std::time::Duration {
 pub struct Ring {
     state: Arc<Mutex<RingState>>,
     reaper: tokio::task::JoinHandle<()>,
-    /// Wakes the submitter: reads and [`Ring::write_batched`]'s writes wait for it.
+    /// Wakes the submitter: reads and writes wait for it.
     kick: Arc<Notify>,
     submitter: tokio::task::JoinHandle<()>,
 }
@@ -177,19 +179,13 @@ impl Ring {
         s.submit_and_reap();
     }
 
-    /// Writes `data` at `offset` (not durable), submitted together with the other I/Os queued
-    /// by the tasks that run before the submitter does: for writes nobody waits on (a logged
-    /// write going in place), many take one system call and one doorbell to the device instead
-    /// of one each. Any I/O submitted meanwhile takes them along.
+    /// Writes `data` at `offset` (not durable), for writes nobody waits on (a logged write
+    /// going in place): its completion needs no wake-up (see the module's doc).
     pub async fn write_batched(&self, off: u64, data: Bytes) -> io::Result<()> {
         self.write_with(off, data, false, true).await
     }
 
-    /// Reads `len` bytes at `off`, submitted like [`Ring::write_batched`]'s writes: with the
-    /// other I/Os queued by the tasks that run before the submitter does. The requests that
-    /// come in one `recv` (a QD32 reader's) then take one system call between them, and one
-    /// doorbell to the device (the kernel plugs a batch of more than two); alone, a read waits
-    /// only for the tasks already ready, not for a system call more.
+    /// Reads `len` bytes at `off`, submitted with the other I/Os queued in the same turn.
     pub async fn read(&self, off: u64, len: usize) -> io::Result<AlignedBuf> {
         let (tx, rx) = oneshot::channel();
         self.queue(Req::Read { off, len, tx });
@@ -202,31 +198,22 @@ impl Ring {
         self.kick.notify_one();
     }
 
+    /// Writes `data` at `offset`, durable once complete if `dsync`; submitted with the other
+    /// I/Os queued in the same turn (a log batch with the in-place writes of the one before).
     pub async fn write(&self, off: u64, data: Bytes, dsync: bool) -> io::Result<()> {
         self.write_with(off, data, dsync, false).await
     }
 
-    /// A write submitted now, or left queued for the submitter (`batched`).
-    async fn write_with(
-        &self,
-        off: u64,
-        data: Bytes,
-        dsync: bool,
-        batched: bool,
-    ) -> io::Result<()> {
+    /// A write left queued for the submitter; `lazy`: nobody waits for it.
+    async fn write_with(&self, off: u64, data: Bytes, dsync: bool, lazy: bool) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
-        let r = Req::Write {
+        self.queue(Req::Write {
             off,
             data,
             dsync,
-            lazy: batched,
+            lazy,
             tx,
-        };
-        if batched {
-            self.queue(r);
-        } else {
-            self.send(r);
-        }
+        });
         rx.await.map_err(|_| io::Error::other("io_uring stopped"))?
     }
 
@@ -269,7 +256,7 @@ async fn reap(efd: AsyncFd<OwnedFd>, state: Arc<Mutex<RingState>>) {
     }
 }
 
-/// Submits the reads and writes queued ([`Ring::read`], [`Ring::write_batched`]), once the tasks that were ready when it was
+/// Submits the reads and writes queued, once the tasks that were ready when it was
 /// kicked have run (and queued theirs). While I/O is in flight (deferred mode), takes the
 /// completions that have come every [`BACKSTOP`].
 async fn submit_batches(
