@@ -6,9 +6,9 @@
 //! with it take one system call, with no hand-off to another thread. Reads and syncs are
 //! submitted by their callers at once (reads the same way measured slower at QD32:
 //! BENCHMARKS.md, session 9). The kernel signals completions on an eventfd registered with
-//! the ring; a task on the runtime waits for it (tokio's reactor, beside the
-//! sockets), reaps every completion and answers each through a oneshot channel — so an I/O
-//! costs one wake-up of a runtime thread, not a round trip through a ring thread.
+//! the ring; a task on the runtime waits for it (tokio's reactor, beside the sockets), reaps
+//! every completion and answers each through a oneshot channel — so an I/O costs one wake-up
+//! of a runtime thread, not a round trip through a ring thread.
 //!
 //! On the current-thread scheduler (the daemons' default) the ring defers the kernel's
 //! completion work to the runtime's next `io_uring_enter` (DEFER_TASKRUN, with SINGLE_ISSUER:
@@ -256,9 +256,9 @@ async fn reap(efd: AsyncFd<OwnedFd>, state: Arc<Mutex<RingState>>) {
     }
 }
 
-/// Submits the writes queued, once the tasks that were ready when it was
-/// kicked have run (and queued theirs). While I/O is in flight (deferred mode), takes the
-/// completions that have come every [`BACKSTOP`].
+/// Submits the writes queued, once the tasks that were ready when it was kicked have run (and
+/// queued theirs). While I/O is in flight (deferred mode), takes the completions that have come
+/// every [`BACKSTOP`].
 async fn submit_batches(
     kick: Arc<Notify>,
     state: Arc<Mutex<RingState>>,
