@@ -104,6 +104,26 @@ pub async fn after_tasks_ready_together() {
     }
 }
 
+/// Returns once the tasks that were ready when it was called have run: for a task that has just
+/// queued work of its own (a log record) and would take it in one batch with what they queue.
+/// Unlike [`after_tasks_ready_together`], which is for a task *woken* by the event and is free
+/// on the current-thread scheduler, this always reschedules: the task wakes itself once, which
+/// puts it at the back of the run queue, with no system call. (`tokio::task::yield_now`
+/// instead waits for the next poll of the reactor: an `epoll_wait`.) Alone, it runs again at
+/// once.
+pub async fn behind_ready_tasks() {
+    let mut woke = false;
+    std::future::poll_fn(|cx| {
+        if woke {
+            return std::task::Poll::Ready(());
+        }
+        woke = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

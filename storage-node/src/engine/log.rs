@@ -546,7 +546,7 @@ impl Log {
             s.queue.push_back((seq, r));
             seq
         };
-        after_ready_tasks().await;
+        cairn_client::data::writer::behind_ready_tasks().await;
         loop {
             let progress = self.progress.notified();
             tokio::pin!(progress);
@@ -680,22 +680,6 @@ impl Log {
 
 fn failed() -> std::io::Error {
     std::io::Error::other("the disk's log failed earlier; the disk is poisoned")
-}
-
-/// Returns once the tasks ready when it was called have run, without a turn of the runtime:
-/// the task wakes itself, which puts it at the back of the run queue. (`tokio::task::yield_now`
-/// instead waits for the next poll of the reactor: an `epoll_wait` system call.)
-async fn after_ready_tasks() {
-    let mut woke = false;
-    std::future::poll_fn(|cx| {
-        if woke {
-            return std::task::Poll::Ready(());
-        }
-        woke = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 #[cfg(test)]
