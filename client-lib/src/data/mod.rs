@@ -14,7 +14,8 @@
 //! - [`frame`]: the frame codec (pure, fuzzed; the storage node's server uses it too).
 //! - [`client`]: a pipelined client.
 //! - [`local`]: the Unix socket transport to a node on this host.
-//! - [`writer`]: a connection's writer task, batching the frames ready together.
+//! - [`writer`]: a connection's writer task, batching the frames ready together, and the
+//!   helpers that let ready tasks run first.
 
 pub mod client;
 pub mod frame;

@@ -3,6 +3,10 @@
 //! a batch of frames, not one per frame. Payloads go out from where they are (a vectored
 //! write of each frame's prefix and header, then its payload): a 4 KiB write is sent to three
 //! members without three copies into a send buffer.
+//!
+//! The batching rests on letting the other ready tasks run first; the two helpers for that
+//! ([`after_tasks_ready_together`] for a woken task, [`behind_ready_tasks`] for a running one)
+//! live here, and the storage node's io_uring submitter and log use them too.
 
 use std::io::IoSlice;
 
