@@ -617,18 +617,20 @@ impl RingState {
                 tx,
             } => {
                 let len = data.len();
-                let buf = match self.free_fixed.pop() {
-                    Some(i) if len <= FIXED_BUF_SIZE => {
-                        self.pool[i].as_mut()[..len].copy_from_slice(&data);
-                        Buf::Fixed(i)
-                    }
-                    other => {
-                        if let Some(i) = other {
-                            self.free_fixed.push(i);
+                // Data already aligned (a log batch) is written from where it is: pinning its
+                // pages costs the kernel less than copying them into a registered buffer.
+                let buf = if (data.as_ptr() as usize).is_multiple_of(super::io::IO_ALIGN) {
+                    Buf::Data(data)
+                } else {
+                    match self.free_fixed.pop() {
+                        Some(i) if len <= FIXED_BUF_SIZE => {
+                            self.pool[i].as_mut()[..len].copy_from_slice(&data);
+                            Buf::Fixed(i)
                         }
-                        if (data.as_ptr() as usize).is_multiple_of(super::io::IO_ALIGN) {
-                            Buf::Data(data)
-                        } else {
+                        other => {
+                            if let Some(i) = other {
+                                self.free_fixed.push(i);
+                            }
                             Buf::Owned(AlignedBuf::copy_from(&data))
                         }
                     }
@@ -811,6 +813,31 @@ mod tests {
             soon(r.read(8192, 4096)).await.unwrap().as_ref(),
             &[2u8; 4096]
         );
+    }
+
+    /// A write lands whatever its buffer: aligned (written from where it is), unaligned and
+    /// small (copied into a registered buffer), or unaligned and larger than one (copied into
+    /// an aligned one of its own).
+    #[tokio::test]
+    async fn writes_land_from_aligned_and_unaligned_buffers() {
+        let (_d, r) = ring(HOUR);
+        let unaligned = |byte: u8, len: usize| {
+            let mut v = vec![0u8; len + 1];
+            v[1..].fill(byte);
+            let b = Bytes::from(v).slice(1..);
+            assert!(!(b.as_ptr() as usize).is_multiple_of(super::super::io::IO_ALIGN));
+            b
+        };
+        let big = FIXED_BUF_SIZE + 4096;
+        soon(r.write(0, block(7), false)).await.unwrap();
+        soon(r.write(4096, unaligned(8, 4096), false))
+            .await
+            .unwrap();
+        soon(r.write(8192, unaligned(9, big), true)).await.unwrap();
+        let got = soon(r.read(0, 8192 + big)).await.unwrap().into_bytes();
+        assert_eq!(&got[..4096], &[7u8; 4096]);
+        assert_eq!(&got[4096..8192], &[8u8; 4096]);
+        assert!(got[8192..].iter().all(|&b| b == 9));
     }
 
     /// Writes queued in one turn of the runtime (a log batch, the in-place writes of the one
