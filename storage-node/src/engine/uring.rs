@@ -22,9 +22,11 @@
 //! late by at most that, never lost. (Otherwise the kernel interrupts the thread for each
 //! completion, and its eventfd signal wakes it once more.)
 //!
-//! I/Os of up to [`FIXED_BUF_SIZE`] go through buffers registered with the ring once at start
-//! (READ_FIXED / WRITE_FIXED: the kernel skips pinning pages on every I/O); larger ones use
-//! plain READ / WRITE on aligned buffers.
+//! Reads of up to [`FIXED_BUF_SIZE`], and writes of as much whose data is not aligned for
+//! O_DIRECT, go through buffers registered with the ring once at start (READ_FIXED /
+//! WRITE_FIXED: the kernel skips pinning pages on every I/O). Aligned write data (a log batch)
+//! is written from where it is: pinning its pages costs less than copying them. Larger I/Os
+//! use plain READ / WRITE on aligned buffers.
 
 use std::collections::VecDeque;
 use std::fs::File;
