@@ -207,4 +207,35 @@ impl Bitmap {
     pub fn count(&self) -> usize {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
     }
+    /// The set bits, in order.
+    pub fn ones(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let b = w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    i * 64 + b
+                })
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// `ones` yields exactly the set bits, in order.
+        #[test]
+        fn bitmap_ones_are_the_set_bits(bits in proptest::collection::btree_set(0..BLOCKS_PER_CHUNK, 0..64)) {
+            let mut m = Bitmap::default();
+            for &b in &bits {
+                m.set(b, true);
+            }
+            prop_assert_eq!(m.ones().collect::<Vec<_>>(), bits.into_iter().collect::<Vec<_>>());
+        }
+    }
 }
