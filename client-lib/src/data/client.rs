@@ -1,6 +1,7 @@
 //! A pipelined data-protocol client: many requests in flight on one connection, each answered
 //! through its own channel. Used by tests now and by the client library's `VolumeClient`.
 
+use std::borrow::BorrowMut;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,9 +143,11 @@ impl DataClient {
     /// again).
     pub async fn call(
         &self,
-        mut req: pb::Request,
+        mut req: impl BorrowMut<pb::Request>,
         payload: Bytes,
     ) -> Result<(pb::Response, Bytes), ClientError> {
+        // By `&mut` too: a caller that may send the request again keeps it, uncloned.
+        let req = req.borrow_mut();
         req.request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if !payload.is_empty() && req.payload_crc == 0 {
             req.payload_crc = crc32c::crc32c(&payload);

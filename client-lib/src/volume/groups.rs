@@ -28,20 +28,18 @@ fn state(m: &pb::GroupMember) -> pb::MemberState {
 
 impl Group {
     /// Members that take writes: active ones and those catching up.
-    pub fn writers(&self) -> Vec<pb::GroupMember> {
+    pub fn writers(&self) -> Vec<&pb::GroupMember> {
         self.members
             .iter()
             .filter(|m| state(m) != pb::MemberState::Stale)
-            .cloned()
             .collect()
     }
 
     /// Members that serve reads: active ones only.
-    pub fn readers(&self) -> Vec<pb::GroupMember> {
+    pub fn readers(&self) -> Vec<&pb::GroupMember> {
         self.members
             .iter()
             .filter(|m| state(m) == pb::MemberState::Active)
-            .cloned()
             .collect()
     }
 
@@ -130,7 +128,9 @@ impl VolumeClient {
             crc32c::crc32c(&payload)
         };
         for _ in 0..MEMBERSHIP_RETRIES {
-            let writers = g.writers();
+            // Borrowed from this membership, which `g` may be replaced by a newer one below.
+            let cur = g.clone();
+            let writers = cur.writers();
             let calls = writers.iter().map(|m| {
                 let mut req = self.request(op, &g, p.chunk, p.offset, p.len);
                 req.seq = ticket.seq;

@@ -440,7 +440,7 @@ impl VolumeClient {
                     break;
                 }
             };
-            let answer = tokio::time::timeout(LINK_TIMEOUT, c.call(req.clone(), payload.clone()));
+            let answer = tokio::time::timeout(LINK_TIMEOUT, c.call(&mut req, payload.clone()));
             let answer = match answer.await {
                 Ok(a) => a,
                 Err(_) => {
@@ -503,7 +503,7 @@ impl VolumeClient {
 
     /// Active members in the order reads try them: quick ones before slow ones, this host's
     /// first, then the least loaded.
-    fn read_order(&self, g: &Group) -> Vec<pb::GroupMember> {
+    fn read_order<'g>(&self, g: &'g Group) -> Vec<&'g pb::GroupMember> {
         let mut ms = g.readers();
         ms.sort_by_cached_key(|m| {
             let l = self.links.get(&m.data_addr);
@@ -548,7 +548,7 @@ impl VolumeClient {
         let mut last = None;
         for m in self.read_order(g) {
             let req = self.request(dpb::Op::Read, g, p.chunk, p.offset, p.len);
-            let (r, data) = match self.call(&m, req, Bytes::new()).await {
+            let (r, data) = match self.call(m, req, Bytes::new()).await {
                 Ok(x) => x,
                 Err(e) => {
                     last = Some(e);
@@ -690,7 +690,7 @@ impl VolumeClient {
         let mut last = None;
         for m in self.read_order(&g) {
             let req = self.request(dpb::Op::ChunkInfo, &g, p.chunk, 0, 0);
-            match self.call(&m, req, Bytes::new()).await {
+            match self.call(m, req, Bytes::new()).await {
                 Ok((r, _)) => match self.check(&r) {
                     Ok(()) => return Ok(Some(r.mapped)),
                     Err(e @ VolumeError::Fenced { .. }) => return Err(e),

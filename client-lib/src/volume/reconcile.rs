@@ -73,16 +73,17 @@ impl VolumeClient {
     /// Registers a write to `chunk` about to be sent; its sequence number is in the ticket.
     pub(super) fn begin_write(&self, chunk: u64) -> WriteTicket<'_> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
         let mut a = self.active.lock().expect("active lock");
         let c = a.entry(chunk).or_insert(ChunkActivity {
             inflight: 0,
             max_seq: 0,
-            last: Instant::now(),
+            last: now,
             failed: false,
         });
         c.inflight += 1;
         c.max_seq = c.max_seq.max(seq);
-        c.last = Instant::now();
+        c.last = now;
         WriteTicket {
             vc: self,
             chunk,
@@ -134,7 +135,7 @@ impl VolumeClient {
                 let payload = payload.clone();
                 async move {
                     if let Err(e) = self
-                        .call(&m, req, payload)
+                        .call(m, req, payload)
                         .await
                         .and_then(|(r, _)| self.check(&r))
                     {
@@ -216,7 +217,7 @@ impl VolumeClient {
             }
         }
         let active = |m: &super::pb::GroupMember| m.state == super::pb::MemberState::Active as i32;
-        let Some(src) = (0..writers.len()).find(|&i| active(&writers[i]) && versions[i].is_some())
+        let Some(src) = (0..writers.len()).find(|&i| active(writers[i]) && versions[i].is_some())
         else {
             return Err(VolumeError::io(format!(
                 "chunk {chunk}: no active member could list its copy"
@@ -247,7 +248,7 @@ impl VolumeClient {
                 let (off, len) = (b as u64 * BLOCK_SIZE, (end - b) as u64 * BLOCK_SIZE);
                 let (op, payload) = if present {
                     let req = self.request(dpb::Op::Read, g, chunk, off, len);
-                    let (r, data) = self.call(&writers[src], req, Bytes::new()).await?;
+                    let (r, data) = self.call(writers[src], req, Bytes::new()).await?;
                     self.check(&r)?;
                     if data.len() as u64 != len || crc32c::crc32c(&data) != r.payload_crc {
                         return Err(VolumeError::io(format!(
