@@ -1,6 +1,7 @@
 //! The per-request CPU of Cairn's pure code, outside any I/O: CRC32C of a block and of a
 //! chunk, the data protocol's frame codec and request validation for a 4 KiB write (what every
-//! replica does per write), and the NBD codec (parse a request header, build a reply).
+//! replica does per write), a node's log batch of 32 such writes (what QD32 writes make of
+//! them), and the NBD codec (parse a request header, build a reply).
 //!
 //! cargo bench -p cairn-benches --bench codecs
 
@@ -8,6 +9,8 @@ use bytes::{Bytes, BytesMut};
 use cairn_client::data::frame::{Frame, FrameCodec};
 use cairn_client::nbd::proto::{parse_request, simple_reply, REQUEST_LEN};
 use cairn_proto::data as dpb;
+use cairn_storage_node::engine::log::{encode_batch, Record};
+use cairn_storage_node::engine::ChunkId;
 use cairn_storage_node::protocol::request::Request;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prost::Message;
@@ -106,5 +109,24 @@ fn nbd(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, crc, frame, nbd);
+fn log_batch(c: &mut Criterion) {
+    let records: Vec<Record> = (0..32)
+        .map(|i| {
+            let chunk = ChunkId {
+                volume: 3,
+                index: i,
+            };
+            Record::write(chunk, i, 7, Bytes::from(vec![i as u8; 4096]))
+        })
+        .collect();
+    let refs: Vec<&Record> = records.iter().collect();
+    let mut g = c.benchmark_group("log");
+    g.throughput(Throughput::Elements(refs.len() as u64));
+    g.bench_function("encode_batch_32x4k", |b| {
+        b.iter(|| encode_batch(1, std::hint::black_box(&refs), 5))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, crc, frame, log_batch, nbd);
 criterion_main!(benches);
