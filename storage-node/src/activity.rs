@@ -10,7 +10,7 @@
 //! a chunk lost from the deletion only costs one extra reconciliation. The put runs off the
 //! runtime's threads ([`crate::marks`]).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::path::Path;
 
 use crate::marks::{self, DurableMarks, Mark};

@@ -5,7 +5,7 @@
 //! newer one raises the mark, durably, before the request is executed, so no restart can let
 //! an older holder back in (DESIGN.md §5.3).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::path::Path;
 use std::sync::Mutex;
 

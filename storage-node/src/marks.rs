@@ -7,7 +7,7 @@
 //! would stall every connection it serves (one thread by default). Concurrent first operations
 //! on one key wait for the one put; puts of different keys are grouped into one sync by RocksDB.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::hash::Hash;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

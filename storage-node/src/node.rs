@@ -1,7 +1,7 @@
 //! The storage-node daemon: opens the server's disks, serves the data protocol, registers
 //! with the metadata service and heartbeats to it.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,7 +21,9 @@
 //! reads again). Copying the same chunk twice is harmless, so any failure just leaves the
 //! member stale or syncing and the next round starts over.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

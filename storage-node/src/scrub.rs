@@ -21,7 +21,7 @@
 //!
 //! Reads are throttled to `rate` bytes a second; a pass starts `every` after the last ended.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,8 +1,8 @@
 //! A pipelined data-protocol client: many requests in flight on one connection, each answered
 //! through its own channel. Used by tests now and by the client library's `VolumeClient`.
 
+use foldhash::{HashMap, HashMapExt};
 use std::borrow::BorrowMut;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

@@ -7,7 +7,7 @@
 //! [`LINK_TIMEOUT`] is treated as failed, and a write reports it (it leaves the group's active
 //! set until it has caught up).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

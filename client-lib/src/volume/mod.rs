@@ -21,7 +21,7 @@
 //!   are zeros, without asking anyone (this client holds the lease: nobody else writes).
 //! - Requests are 4 KiB aligned; they are split at 4 MiB chunk boundaries.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;

@@ -34,12 +34,13 @@
 //! tail to the index in one synced batch. Crash before that batch: the old tail stands and
 //! replay redoes the records, which is idempotent. After it, the log before the tail is free.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt};
 
 use super::index::{Index, Op};
 use super::io::{DiskFile, IoKind};

@@ -6,7 +6,7 @@
 //! A guard is taken before the request waits, so dropping a waiting request (its client went
 //! away) withdraws it and lets the ones behind it go.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;

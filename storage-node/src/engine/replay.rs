@@ -2,7 +2,9 @@
 //! the log after it, in order. Pure over the state and the records, except that an intent's
 //! blocks are read from the disk to tell which of them landed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 
 use bytes::Bytes;
 

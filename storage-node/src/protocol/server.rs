@@ -46,7 +46,7 @@ pub struct ServerStats {
 /// [`LATENCY_IDLE`] has nothing to say (an isolated disk is eligible again once it is).
 #[derive(Default)]
 pub struct Latency {
-    ewma_us: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+    ewma_us: std::sync::Mutex<foldhash::HashMap<String, (f64, std::time::Instant)>>,
 }
 
 pub const LATENCY_IDLE: Duration = Duration::from_secs(30);
@@ -81,7 +81,7 @@ impl Latency {
 /// Serves the chunks of a node's disks.
 pub struct DataServer<E> {
     /// The node's disks by uuid.
-    pub disks: std::collections::HashMap<String, Arc<E>>,
+    pub disks: foldhash::HashMap<String, Arc<E>>,
     pub fence: Arc<Fence>,
     pub node_uuid: String,
     pub stats: Arc<ServerStats>,
