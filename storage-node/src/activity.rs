@@ -10,8 +10,9 @@
 //! a chunk lost from the deletion only costs one extra reconciliation. The put runs off the
 //! runtime's threads ([`crate::marks`]).
 
-use foldhash::{HashMap, HashMapExt};
 use std::path::Path;
+
+use foldhash::{HashMap, HashMapExt};
 
 use crate::marks::{self, DurableMarks, Mark};
 

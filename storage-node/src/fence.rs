@@ -5,10 +5,10 @@
 //! newer one raises the mark, durably, before the request is executed, so no restart can let
 //! an older holder back in (DESIGN.md §5.3).
 
-use foldhash::{HashMap, HashMapExt};
 use std::path::Path;
 use std::sync::Mutex;
 
+use foldhash::{HashMap, HashMapExt};
 use rocksdb::{Options, WriteOptions, DB};
 
 pub struct Fence {

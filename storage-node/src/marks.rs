@@ -7,12 +7,12 @@
 //! would stall every connection it serves (one thread by default). Concurrent first operations
 //! on one key wait for the one put; puts of different keys are grouped into one sync by RocksDB.
 
-use foldhash::HashMap;
 use std::hash::Hash;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use foldhash::HashMap;
 use rocksdb::{Options, WriteOptions, DB};
 
 /// Opens (creating) the RocksDB of such a set.

@@ -1,7 +1,6 @@
 //! The storage-node daemon: opens the server's disks, serves the data protocol, registers
 //! with the metadata service and heartbeats to it.
 
-use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +11,7 @@ use anyhow::Context;
 use cairn_client::data::local_socket_name;
 use cairn_client::MetaClient;
 use cairn_proto::metadata as pb;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::activity::Activity;
 use crate::engine::disk::DiskEngine;

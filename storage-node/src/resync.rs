@@ -22,8 +22,6 @@
 //! member stale or syncing and the next round starts over.
 
 use std::collections::BTreeMap;
-
-use foldhash::{HashMap, HashMapExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -35,6 +33,7 @@ use cairn_client::data::client::DataClient;
 use cairn_client::MetaClient;
 use cairn_proto::data as dpb;
 use cairn_proto::metadata as pb;
+use foldhash::{HashMap, HashMapExt};
 use futures::StreamExt;
 use rocksdb::WriteOptions;
 

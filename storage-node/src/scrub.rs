@@ -21,7 +21,6 @@
 //!
 //! Reads are throttled to `rate` bytes a second; a pass starts `every` after the last ended.
 
-use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +31,7 @@ use cairn_client::data::client::DataClient;
 use cairn_client::MetaClient;
 use cairn_proto::data as dpb;
 use cairn_proto::metadata as pb;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::engine::{ChunkEngine, ChunkId, ChunkInfo, EngineError, BLOCK_SIZE, CHUNK_SIZE};
 use crate::protocol::server::DataServer;

@@ -1,13 +1,13 @@
 //! A pipelined data-protocol client: many requests in flight on one connection, each answered
 //! through its own channel. Used by tests now and by the client library's `VolumeClient`.
 
-use foldhash::{HashMap, HashMapExt};
 use std::borrow::BorrowMut;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use cairn_proto::data as pb;
+use foldhash::{HashMap, HashMapExt};
 use futures::{SinkExt, StreamExt};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite};

@@ -7,10 +7,11 @@
 //! [`LINK_TIMEOUT`] is treated as failed, and a write reports it (it leaves the group's active
 //! set until it has caught up).
 
-use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use foldhash::HashMap;
 
 /// A member that has not answered a request in this long is treated as failed.
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);

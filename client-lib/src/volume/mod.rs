@@ -21,7 +21,6 @@
 //!   are zeros, without asking anyone (this client holds the lease: nobody else writes).
 //! - Requests are 4 KiB aligned; they are split at 4 MiB chunk boundaries.
 
-use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -29,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cairn_proto::data as dpb;
 use cairn_proto::metadata as pb;
+use foldhash::{HashMap, HashMapExt};
 use futures::future::join_all;
 
 use crate::data::client::{ClientError, DataClient};

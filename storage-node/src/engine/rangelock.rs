@@ -6,9 +6,9 @@
 //! A guard is taken before the request waits, so dropping a waiting request (its client went
 //! away) withdraws it and lets the ones behind it go.
 
-use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
+use foldhash::HashMap;
 use tokio::sync::Notify;
 
 use super::ChunkId;

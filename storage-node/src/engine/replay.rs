@@ -4,9 +4,8 @@
 
 use std::collections::BTreeSet;
 
-use foldhash::HashMap;
-
 use bytes::Bytes;
+use foldhash::HashMap;
 
 use super::log::Record;
 use super::{Bitmap, ChunkId, BLOCKS_PER_CHUNK, BLOCK_SIZE};
