@@ -4,7 +4,7 @@
 //! - [`commands`]: volume, status and member commands (thin calls to `cairn_client`).
 //! - [`gateway`]: `cairn nbd serve` and `cairn debug read-replica`, on `cairn_client`.
 //! - [`up`]: `cairn up`, the local cluster supervisor, and `cluster.json`.
-//! - [`bench`]: `cairn bench VOLUME`, fio-like jobs through the client library.
+//! - [`mod@bench`]: `cairn bench VOLUME`, fio-like jobs through the client library.
 //! - [`output`]: aligned tables and `--json`.
 //!
 //! Contract: every user error is one clear `error:` line on stderr and a non-zero exit; `--json`

@@ -1,7 +1,7 @@
 //! Cairn's storage node: chunks with per-block CRC32C on the server's local disks.
 //!
 //! Modules:
-//! - [`format`]: the versioned on-disk superblock (magic, format version, disk uuid, log
+//! - [`mod@format`]: the versioned on-disk superblock (magic, format version, disk uuid, log
 //!   region, CRC).
 //! - [`engine`]: the `ChunkEngine` seam and its implementations — [`engine::disk::DiskEngine`]
 //!   (slots on a disk file or block device, O_DIRECT; every change first goes to the disk's own

@@ -10,7 +10,7 @@ pub const MAX_HEADER: usize = 4096;
 pub const MAX_PAYLOAD: usize = 4 << 20;
 /// Bytes of the length prefix before each frame's header.
 pub const PREFIX: usize = 8;
-/// Room the decoder makes when it needs more bytes and has less than [`MIN_ROOM`] spare: the
+/// Room the decoder makes when it needs more bytes and has less than `MIN_ROOM` spare: the
 /// frames that arrived together are then read by one system call (the reader's default room
 /// is about one frame, so one call per frame).
 pub const READ_AHEAD: usize = 64 << 10;

@@ -9,7 +9,7 @@
 //!   parallel and succeeds only when all of them have it on media. A member that fails is
 //!   reported and leaves the group's active set (epoch + 1) if at least `min_replicas` stay;
 //!   the write is then sent again to the group as it is now, marked `degraded` so the
-//!   remaining members record the chunk for the missing one's resync ([`groups`]). Writes are
+//!   remaining members record the chunk for the missing one's resync (`groups`). Writes are
 //!   durable when acknowledged, so `flush` has nothing to wait for and FUA needs nothing
 //!   extra.
 //! - A read goes to an active member: one answering quickly before a slow one ([`links`]),

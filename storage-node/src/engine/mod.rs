@@ -1,7 +1,7 @@
 //! The `ChunkEngine` seam: chunks of 4 MiB, addressed in 4 KiB blocks, each block carrying a
 //! CRC32C checked on every read.
 //!
-//! Contract, for every implementation (enforced by [`conformance`]):
+//! Contract, for every implementation (enforced by the shared `conformance` suite):
 //! - Chunks are thin: a never-written block reads as zeros; space is taken on first write.
 //! - `write` returns only when the data is on media (a crash afterwards keeps it).
 //! - A read returns the last completed write of each block, or data of a write still in flight

@@ -16,7 +16,7 @@
 //! waits for one: a read, a durable write, a sync, or a request held up by a batched write
 //! ([`Ring::watch`]: one waiting for its blocks, a checkpoint waiting for all of them). A small
 //! write's in-place step then costs no wake-up of its own: its completion is taken at the next
-//! `io_uring_enter`, which the next request makes, or at the latest after [`BACKSTOP`]. The
+//! `io_uring_enter`, which the next request makes, or at the latest after `BACKSTOP`. The
 //! backstop runs whenever I/O is in flight, signals or not: a completion the kernel holds back
 //! unsignalled (it runs at most a few dozen per `io_uring_enter` and may keep the rest) is
 //! late by at most that, never lost. (Otherwise the kernel interrupts the thread for each
