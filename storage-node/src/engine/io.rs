@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 /// Alignment of every buffer and offset handed to O_DIRECT I/O.
 pub const IO_ALIGN: usize = 4096;
 
-/// A zeroed buffer aligned to [`IO_ALIGN`], as O_DIRECT requires.
+/// A buffer aligned to [`IO_ALIGN`], as O_DIRECT requires: zeroed, or a copy of some bytes.
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
@@ -38,10 +38,21 @@ impl AlignedBuf {
         Self { ptr, len }
     }
 
+    /// A copy of `data`, with no zeroing first (every read through a registered buffer comes
+    /// out through here).
     pub fn copy_from(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
-        b.as_mut().copy_from_slice(data);
-        b
+        let layout = Self::layout(data.len());
+        // SAFETY: the layout has a non-zero size (at least IO_ALIGN).
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        // SAFETY: the fresh allocation holds at least `data.len()` bytes and cannot overlap
+        // `data`; after the copy, the `len` bytes `AlignedBuf` exposes are all initialised.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
+        Self {
+            ptr,
+            len: data.len(),
+        }
     }
 
     pub fn into_bytes(self) -> Bytes {
@@ -65,7 +76,7 @@ impl AsMut<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this same layout.
+        // SAFETY: allocated in `zeroed` or `copy_from` with this same layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
 }
