@@ -38,8 +38,7 @@ impl AlignedBuf {
         Self { ptr, len }
     }
 
-    /// A copy of `data`, with no zeroing first (every read through a registered buffer comes
-    /// out through here).
+    /// A copy of `data`, with no zeroing first (large unaligned writes go through here).
     pub fn copy_from(data: &[u8]) -> Self {
         let layout = Self::layout(data.len());
         // SAFETY: the layout has a non-zero size (at least IO_ALIGN).

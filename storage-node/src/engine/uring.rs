@@ -22,11 +22,13 @@
 //! late by at most that, never lost. (Otherwise the kernel interrupts the thread for each
 //! completion, and its eventfd signal wakes it once more.)
 //!
-//! Reads of up to [`FIXED_BUF_SIZE`], and writes of as much whose data is not aligned for
-//! O_DIRECT, go through buffers registered with the ring once at start (READ_FIXED /
-//! WRITE_FIXED: the kernel skips pinning pages on every I/O). Aligned write data (a log batch)
-//! is written from where it is: pinning its pages costs less than copying them. Larger I/Os
-//! use plain READ / WRITE on aligned buffers.
+//! Writes of up to [`FIXED_BUF_SIZE`] whose data is not aligned for O_DIRECT are copied into
+//! buffers registered with the ring once at start (WRITE_FIXED: the kernel skips pinning their
+//! pages); larger ones into an aligned buffer of their own. Aligned write data (a log batch)
+//! is written from where it is: pinning its pages costs less than copying them. Reads go
+//! straight into the aligned buffer handed back to the caller (READ): reading into a
+//! registered buffer saves pinning a page or two, but then costs a copy of data no cache has
+//! seen (measured: QD32 reads ~5% more IOPS this way, CPU per read unchanged).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -518,22 +520,12 @@ impl RingState {
         let off = f.off + f.done as u64;
         let rest = u32::try_from(f.len - f.done).expect("I/O under 4 GiB");
         let flags = f.rw_flags;
+        // Registered buffers and caller data are only ever written from; reads go to owned
+        // buffers.
         let sqe = match (f.buf.as_mut().expect("buffer in flight"), f.is_write) {
-            (Buf::Fixed(i), false) => {
-                let p = self.pool[*i].as_mut().as_mut_ptr();
-                // SAFETY: `done` < len <= FIXED_BUF_SIZE, inside the registered buffer.
-                opcode::ReadFixed::new(
-                    fd,
-                    unsafe { p.add(f.done) },
-                    rest,
-                    u16::try_from(*i).expect("< 64"),
-                )
-                .offset(off)
-                .build()
-            }
-            (Buf::Fixed(i), true) => {
+            (Buf::Fixed(i), _) => {
                 let p = self.pool[*i].as_ref().as_ptr();
-                // SAFETY: as above.
+                // SAFETY: `done` < len <= FIXED_BUF_SIZE, inside the registered buffer.
                 opcode::WriteFixed::new(
                     fd,
                     unsafe { p.add(f.done) },
@@ -588,15 +580,9 @@ impl RingState {
                 true,
             ),
             Req::Read { off, len, tx } => {
-                let buf = match self.free_fixed.pop() {
-                    Some(i) if len <= FIXED_BUF_SIZE => Buf::Fixed(i),
-                    other => {
-                        if let Some(i) = other {
-                            self.free_fixed.push(i);
-                        }
-                        Buf::Owned(AlignedBuf::zeroed(len))
-                    }
-                };
+                // Into the buffer the caller gets: a registered one would save the kernel
+                // pinning a page or two, but its data would then be copied out, cold.
+                let buf = Buf::Owned(AlignedBuf::zeroed(len));
                 (
                     InFlight {
                         off,
@@ -709,17 +695,10 @@ impl RingState {
         match (f.reply, f.buf) {
             (Done::Read(tx), Some(buf)) => {
                 let out = match (result, buf) {
-                    (Ok(()), Buf::Fixed(i)) => {
-                        let b = AlignedBuf::copy_from(&self.pool[i].as_ref()[..f.len]);
-                        self.free_fixed.push(i);
-                        Ok(b)
-                    }
-                    (Err(e), Buf::Fixed(i)) => {
-                        self.free_fixed.push(i);
-                        Err(e)
-                    }
                     (Ok(()), Buf::Owned(b)) => Ok(b),
-                    (Ok(()), Buf::Data(_)) => unreachable!("reads never use caller data"),
+                    (Ok(()), Buf::Fixed(_) | Buf::Data(_)) => {
+                        unreachable!("reads go to owned buffers")
+                    }
                     (Err(e), _) => Err(e),
                 };
                 let _ = tx.send(out);
