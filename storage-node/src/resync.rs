@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use cairn_client::data::client::DataClient;
+use cairn_client::data::client::{ClientError, DataClient};
 use cairn_client::MetaClient;
 use cairn_proto::data as dpb;
 use cairn_proto::metadata as pb;
@@ -343,13 +343,13 @@ pub(crate) async fn ask(
             c
         }
     };
-    let (r, data) = match tokio::time::timeout(ASK_TIMEOUT, c.call(req, Bytes::new())).await {
-        Ok(r) => r.with_context(|| format!("node {}", m.node_id))?,
-        Err(_) => {
+    let (r, data) = match c.call_within(req, Bytes::new(), ASK_TIMEOUT).await {
+        Err(ClientError::TimedOut(_)) => {
             // Stuck (a partition, a hung node): this connection is not reused.
             conns.lock().expect("conns lock").remove(&m.data_addr);
             anyhow::bail!("node {}: no answer in {ASK_TIMEOUT:?}", m.node_id)
         }
+        r => r.with_context(|| format!("node {}", m.node_id))?,
     };
     anyhow::ensure!(
         r.status == dpb::Status::Ok as i32,

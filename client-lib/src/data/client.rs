@@ -1,9 +1,15 @@
 //! A pipelined data-protocol client: many requests in flight on one connection, each answered
 //! through its own channel. Used by tests now and by the client library's `VolumeClient`.
+//!
+//! A call may be given a time limit ([`DataClient::call_within`]). The limits are kept by one
+//! watchdog task per connection, which counts ticks of [`WATCH_EVERY`] and fails each call
+//! whose limit has passed, instead of a timer armed and cancelled for every call: that was a
+//! timer-wheel entry and two clock reads per member per write, on the busiest path there is.
 
 use std::borrow::BorrowMut;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_proto::data as pb;
@@ -26,13 +32,27 @@ fn trusted(s: &UnixStream) -> bool {
         .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw())
 }
 
+/// How often a connection's watchdog looks for calls past their limit: a call given `limit`
+/// fails after between `limit` and `limit + WATCH_EVERY` without an answer.
+pub const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+type Answer = Result<(pb::Response, Bytes), ClientError>;
+
+/// A call waiting for its answer, until the watchdog's tick `deadline` at the latest.
+struct Waiting {
+    tx: oneshot::Sender<Answer>,
+    deadline: u64,
+}
+
 /// Waiting calls by request id; `None` once the connection is gone, so that a call made after
 /// the reader has stopped fails at once instead of waiting for an answer that cannot come.
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<(pb::Response, Bytes)>>>>>;
+type Pending = Arc<Mutex<Option<HashMap<u64, Waiting>>>>;
 
 pub struct DataClient {
     tx: mpsc::Sender<Frame>,
     pending: Pending,
+    /// The watchdog's ticks so far.
+    ticks: Arc<AtomicU64>,
     next_id: AtomicU64,
     pub node_uuid: String,
     /// Connected over the node's Unix socket (same host), not TCP.
@@ -49,6 +69,8 @@ pub enum ClientError {
     Closed,
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("no answer in {0:?}")]
+    TimedOut(Duration),
 }
 
 impl DataClient {
@@ -121,16 +143,19 @@ impl DataClient {
                     .expect("pending lock")
                     .as_mut()
                     .and_then(|m| m.remove(&r.request_id));
-                if let Some(tx) = tx {
-                    let _ = tx.send((r, f.payload));
+                if let Some(w) = tx {
+                    let _ = w.tx.send(Ok((r, f.payload)));
                 }
             }
             // Dropping the senders wakes every waiter with Closed; later calls see None.
             p.lock().expect("pending lock").take();
         });
+        let ticks = Arc::new(AtomicU64::new(0));
+        tokio::spawn(watchdog(pending.clone(), ticks.clone(), tx.downgrade()));
         Ok(Self {
             tx,
             pending,
+            ticks,
             next_id: AtomicU64::new(1),
             node_uuid: welcome.node_uuid,
             local,
@@ -143,8 +168,38 @@ impl DataClient {
     /// again).
     pub async fn call(
         &self,
+        req: impl BorrowMut<pb::Request>,
+        payload: Bytes,
+    ) -> Result<(pb::Response, Bytes), ClientError> {
+        self.send(req, payload, u64::MAX).await
+    }
+
+    /// [`DataClient::call`], failing with [`ClientError::TimedOut`] if no answer has come
+    /// within `limit` (up to [`WATCH_EVERY`] later). The connection stays usable: a late
+    /// answer is dropped.
+    pub async fn call_within(
+        &self,
+        req: impl BorrowMut<pb::Request>,
+        payload: Bytes,
+        limit: Duration,
+    ) -> Result<(pb::Response, Bytes), ClientError> {
+        // The tick count goes up at most WATCH_EVERY from now, then every WATCH_EVERY: a call
+        // is failed at the first tick at least `limit` after it was made.
+        let wait = limit.as_nanos().div_ceil(WATCH_EVERY.as_nanos()) as u64 + 1;
+        let deadline = self.ticks.load(Ordering::Relaxed) + wait;
+        self.send(req, payload, deadline)
+            .await
+            .map_err(|e| match e {
+                ClientError::TimedOut(_) => ClientError::TimedOut(limit),
+                e => e,
+            })
+    }
+
+    async fn send(
+        &self,
         mut req: impl BorrowMut<pb::Request>,
         payload: Bytes,
+        deadline: u64,
     ) -> Result<(pb::Response, Bytes), ClientError> {
         // By `&mut` too: a caller that may send the request again keeps it, uncloned.
         let req = req.borrow_mut();
@@ -154,7 +209,7 @@ impl DataClient {
         }
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().expect("pending lock").as_mut() {
-            Some(m) => m.insert(req.request_id, tx),
+            Some(m) => m.insert(req.request_id, Waiting { tx, deadline }),
             None => return Err(ClientError::Closed),
         };
         let f = Frame {
@@ -162,7 +217,7 @@ impl DataClient {
             payload,
         };
         self.tx.send(f).await.map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)
+        rx.await.map_err(|_| ClientError::Closed)?
     }
 
     /// Sends raw frame bytes (tests of malformed input).
@@ -171,5 +226,101 @@ impl DataClient {
             .send(Frame { header, payload })
             .await
             .map_err(|_| ClientError::Closed)
+    }
+}
+
+/// Fails the calls of one connection that are past their deadline, every [`WATCH_EVERY`],
+/// until the connection is gone (its reader stopped) or its client dropped.
+async fn watchdog(pending: Pending, ticks: Arc<AtomicU64>, alive: mpsc::WeakSender<Frame>) {
+    let mut every = tokio::time::interval(WATCH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        if alive.upgrade().is_none() {
+            return;
+        }
+        let now = ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut g = pending.lock().expect("pending lock");
+        let Some(m) = g.as_mut() else {
+            return;
+        };
+        for (_, w) in m.extract_if(|_, w| w.deadline <= now) {
+            // The limit is put in by `call_within`, which alone sets deadlines.
+            let _ = w.tx.send(Err(ClientError::TimedOut(Duration::ZERO)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A node that takes the handshake, then answers every request but the first.
+    async fn node_ignoring_the_first_request() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (r, w) = s.into_split();
+            let (mut r, mut w) = (
+                FramedRead::new(r, FrameCodec),
+                FramedWrite::new(w, FrameCodec),
+            );
+            r.next().await.expect("hello").expect("hello frame");
+            let welcome = pb::Welcome {
+                node_uuid: "n".into(),
+                ..Default::default()
+            };
+            let frame = |header: Vec<u8>| Frame {
+                header: header.into(),
+                payload: Bytes::new(),
+            };
+            w.send(frame(welcome.encode_to_vec()))
+                .await
+                .expect("welcome");
+            let mut first = true;
+            while let Some(Ok(f)) = r.next().await {
+                let req = pb::Request::decode(f.header).expect("request");
+                if std::mem::take(&mut first) {
+                    continue;
+                }
+                let answer = pb::Response {
+                    request_id: req.request_id,
+                    ..Default::default()
+                };
+                w.send(frame(answer.encode_to_vec())).await.expect("answer");
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_limit_fails_and_the_connection_goes_on() {
+        let c = DataClient::connect_tcp(&node_ignoring_the_first_request().await)
+            .await
+            .expect("connect");
+        let limit = Duration::from_millis(300);
+        let started = Instant::now();
+        let unanswered = c.call_within(pb::Request::default(), Bytes::new(), limit);
+        let answered = async {
+            // Sent after the first, while it waits: answered at once.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.call_within(pb::Request::default(), Bytes::new(), limit)
+                .await
+        };
+        let (unanswered, answered) = tokio::join!(unanswered, answered);
+        assert!(
+            matches!(unanswered, Err(ClientError::TimedOut(l)) if l == limit),
+            "{unanswered:?}"
+        );
+        assert!(started.elapsed() >= limit, "failed before its limit");
+        assert!(answered.is_ok(), "{answered:?}");
+        // A call with no limit on the same connection is answered too.
+        assert!(c.call(pb::Request::default(), Bytes::new()).await.is_ok());
     }
 }

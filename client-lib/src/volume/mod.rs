@@ -440,10 +440,9 @@ impl VolumeClient {
                     break;
                 }
             };
-            let answer = tokio::time::timeout(LINK_TIMEOUT, c.call(&mut req, payload.clone()));
-            let answer = match answer.await {
-                Ok(a) => a,
-                Err(_) => {
+            // The limit is kept by the connection's watchdog (no timer per call).
+            match c.call_within(&mut req, payload.clone(), LINK_TIMEOUT).await {
+                Err(ClientError::TimedOut(_)) => {
                     // Stuck (a hung node, a partition): this connection is not reused.
                     self.conns.lock().expect("conns lock").remove(&m.data_addr);
                     outcome = links::Outcome::TimedOut;
@@ -454,8 +453,6 @@ impl VolumeClient {
                     )));
                     break;
                 }
-            };
-            match answer {
                 Ok(r) => {
                     outcome = links::Outcome::Answered(started.elapsed());
                     result = Ok(r);
