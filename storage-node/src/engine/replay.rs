@@ -68,18 +68,17 @@ impl Chunks {
     /// A write's blocks now hold `crcs` from `first`.
     pub fn set_blocks(&mut self, chunk: ChunkId, slot: u64, first: usize, crcs: &[u32]) {
         let m = self.chunks.entry(chunk).or_insert_with(|| Meta::new(slot));
-        // A bitmap, not a list: a 4 MiB write over torn blocks would scan a list per block.
-        let mut torn_changed = Bitmap::default();
+        // One look-up of the chunk's dirty blocks per write, not per block (`touch`).
+        let d = self.dirty.entry(chunk).or_default();
         for (i, c) in crcs.iter().enumerate() {
-            m.crcs[first + i] = *c;
-            m.mapped.set(first + i, true);
-            if m.torn.get(first + i) {
-                m.torn.set(first + i, false);
-                torn_changed.set(first + i, true);
+            let b = first + i;
+            m.crcs[b] = *c;
+            m.mapped.set(b, true);
+            d.blocks.set(b, true);
+            if m.torn.get(b) {
+                m.torn.set(b, false);
+                d.torn.set(b, true);
             }
-        }
-        for b in first..first + crcs.len() {
-            self.touch(chunk, b, torn_changed.get(b));
         }
     }
 
