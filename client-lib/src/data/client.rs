@@ -185,8 +185,13 @@ impl DataClient {
     ) -> Result<(pb::Response, Bytes), ClientError> {
         // The tick count goes up at most WATCH_EVERY from now, then every WATCH_EVERY: a call
         // is failed at the first tick at least `limit` after it was made.
-        let wait = limit.as_nanos().div_ceil(WATCH_EVERY.as_nanos()) as u64 + 1;
-        let deadline = self.ticks.load(Ordering::Relaxed) + wait;
+        let wait =
+            u64::try_from(limit.as_nanos().div_ceil(WATCH_EVERY.as_nanos())).unwrap_or(u64::MAX);
+        let deadline = self
+            .ticks
+            .load(Ordering::Relaxed)
+            .saturating_add(wait)
+            .saturating_add(1);
         self.send(req, payload, deadline)
             .await
             .map_err(|e| match e {
@@ -320,7 +325,10 @@ mod tests {
         );
         assert!(started.elapsed() >= limit, "failed before its limit");
         assert!(answered.is_ok(), "{answered:?}");
-        // A call with no limit on the same connection is answered too.
+        // A call with no limit on the same connection is answered too, as is one whose limit
+        // is too far off to count in ticks.
         assert!(c.call(pb::Request::default(), Bytes::new()).await.is_ok());
+        let far = c.call_within(pb::Request::default(), Bytes::new(), Duration::MAX);
+        assert!(far.await.is_ok());
     }
 }
