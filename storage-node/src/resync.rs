@@ -344,7 +344,7 @@ pub(crate) async fn ask(
         }
     };
     let (r, data) = match c.call_within(req, Bytes::new(), ASK_TIMEOUT).await {
-        Err(ClientError::TimedOut(_)) => {
+        Err(ClientError::TimedOut) => {
             // Stuck (a partition, a hung node): this connection is not reused.
             conns.lock().expect("conns lock").remove(&m.data_addr);
             anyhow::bail!("node {}: no answer in {ASK_TIMEOUT:?}", m.node_id)

@@ -442,7 +442,7 @@ impl VolumeClient {
             };
             // The limit is kept by the connection's watchdog (no timer per call).
             match c.call_within(&mut req, payload.clone(), LINK_TIMEOUT).await {
-                Err(ClientError::TimedOut(_)) => {
+                Err(ClientError::TimedOut) => {
                     // Stuck (a hung node, a partition): this connection is not reused.
                     self.conns.lock().expect("conns lock").remove(&m.data_addr);
                     outcome = links::Outcome::TimedOut;
