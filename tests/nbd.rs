@@ -228,3 +228,78 @@ fn fio_verify_across_a_gateway_restart_and_replicas_agree() {
     assert_eq!(nodes.len(), 3);
     drop(gateway);
 }
+
+/// Descriptors a process has open.
+fn open_fds(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Clients that write and go, one after another, leave nothing open behind them: the
+/// gateway and the nodes end up with the descriptors they had after the first one. (Each
+/// client's connections to the nodes on this host used to stay open on both ends, three in
+/// the gateway and one in each node per client, until the gateway ran out of descriptors.)
+#[test]
+fn clients_that_come_and_go_leave_no_sockets_open() {
+    let c = UpCluster::start();
+    c.cairn(&["volume", "create", "churn", "--size", "16M"]);
+    let write = |i: usize| {
+        run_tool(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {i} {}k 4k", i * 4),
+                &c.uri("churn"),
+            ],
+        );
+    };
+    let pids: Vec<(String, u64)> = ["nbd", "node", "node", "node"]
+        .iter()
+        .zip([1, 1, 2, 3])
+        .map(|(role, id)| {
+            let pid = c.process(role, id)["pid"].as_u64().expect("running");
+            (format!("{role}{id}"), pid)
+        })
+        .collect();
+    // The first client opens what stays open while the gateway runs (its metadata
+    // connection, ...).
+    write(1);
+    let settle = || std::thread::sleep(Duration::from_secs(1));
+    settle();
+    let before: Vec<usize> = pids.iter().map(|(_, pid)| open_fds(*pid)).collect();
+    const CLIENTS: usize = 12;
+    for i in 2..2 + CLIENTS {
+        write(i);
+    }
+    // A closed connection is torn down by the tasks that served it, soon after.
+    let mut after = Vec::new();
+    for _ in 0..20 {
+        settle();
+        after = pids.iter().map(|(_, pid)| open_fds(*pid)).collect();
+        if after.iter().zip(&before).all(|(a, b)| a <= b) {
+            break;
+        }
+    }
+    for (((name, _), b), a) in pids.iter().zip(&before).zip(&after) {
+        // A descriptor or two may be in passing (a client's socket not yet reaped);
+        // one per client is a leak.
+        assert!(
+            *a < b + CLIENTS / 2,
+            "{name} had {b} descriptors open after one client, {a} after {} more",
+            CLIENTS
+        );
+    }
+    // And what they wrote is there.
+    let back = c.path("churn.raw");
+    run_tool("nbdcopy", &[&c.uri("churn"), back.to_str().unwrap()]);
+    let data = std::fs::read(&back).unwrap();
+    for i in 1..2 + CLIENTS {
+        assert!(
+            data[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8),
+            "client {i}'s write is not there"
+        );
+    }
+}

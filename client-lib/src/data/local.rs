@@ -191,6 +191,17 @@ impl AsyncWrite for LocalWriter {
     }
 }
 
+impl Drop for LocalWriter {
+    /// The write half going away ends the stream for the peer, as a TCP write half does:
+    /// the reader half may live on (waiting for the peer's last answers), and without this the
+    /// descriptor stayed open on both ends, each waiting for the other to speak first. A
+    /// gateway kept three sockets, and each node one, for every NBD client that had come and
+    /// gone. The error of a peer already gone is of no use here.
+    fn drop(&mut self) {
+        let _ = self.sock.get_ref().shutdown(std::net::Shutdown::Write);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +288,32 @@ mod tests {
         let mut got = [0u8; 14];
         br.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"header+payload");
+    }
+
+    /// Dropping the write half ends the stream for the peer even while this end's read half
+    /// lives on; and the peer, ending its side in turn, ends this end's reads: both
+    /// descriptors can close. (A data client drops its writer when it is dropped, and its
+    /// reader task waits for the node to hang up.)
+    #[tokio::test]
+    async fn dropping_the_writer_ends_the_stream_both_ways() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut ar, mut aw) = split(a).unwrap();
+        let (mut br, bw) = split(b).unwrap();
+        aw.write_all(b"last").await.unwrap();
+        drop(aw);
+        let end = std::time::Duration::from_secs(10);
+        let mut got = Vec::new();
+        tokio::time::timeout(end, br.read_to_end(&mut got))
+            .await
+            .expect("the peer never saw the end of the stream")
+            .unwrap();
+        assert_eq!(got, b"last", "the peer sees the data, then the end");
+        drop(bw);
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(end, ar.read_to_end(&mut rest))
+            .await
+            .expect("this end never saw the peer's end")
+            .unwrap();
+        assert_eq!(n, 0);
     }
 }
