@@ -347,6 +347,12 @@ struct RingState {
     /// `io_uring_enter` calls that submitted something.
     #[cfg(test)]
     submissions: usize,
+    /// `io_uring_enter` calls made by `submit_and_reap`.
+    #[cfg(test)]
+    enters: usize,
+    /// Reports the kernel's "work queued" flag as set, always: a flag left stale.
+    #[cfg(test)]
+    stale_taskrun: bool,
 }
 
 impl RingState {
@@ -367,6 +373,10 @@ impl RingState {
             signals: true,
             #[cfg(test)]
             submissions: 0,
+            #[cfg(test)]
+            enters: 0,
+            #[cfg(test)]
+            stale_taskrun: false,
         }
     }
 
@@ -421,13 +431,32 @@ impl RingState {
         self.submit_and_reap();
     }
 
+    /// The kernel's "completion work queued" flag (IORING_SQ_TASKRUN): an enter with
+    /// GETEVENTS runs that work. Only a hint: a completion queued while an enter of ours is
+    /// running the queue may set it just after that enter emptied the queue, and then nothing
+    /// clears it until more completion work comes and is run — on an idle disk, never.
+    fn taskrun(&mut self) -> bool {
+        #[cfg(test)]
+        if self.stale_taskrun {
+            return true;
+        }
+        self.ring.submission().taskrun()
+    }
+
     /// Submits what is queued (without waiting) and answers every completion there is.
     fn submit_and_reap(&mut self) {
+        // Set for a pass that follows one which reaped nothing: it leaves the signals on, and
+        // if it reaps nothing either, the call ends whatever the "work queued" flag says. The
+        // flag can be stale (see `taskrun`), and passes that turned the signals off and on
+        // again for it never ended: a node's one I/O thread spun in here at full CPU with
+        // nothing in flight, while the request whose `Watch` kept the signals on waited for
+        // that thread, and the node stopped answering until it was fenced.
+        let mut recheck = false;
         loop {
             // Deferred mode: no signals while we enter the kernel ourselves. The completions
             // it posts during the call are taken right after it; a signal for them would
             // only wake the reaper once more, for nothing.
-            if self.defer {
+            if self.defer && !recheck {
                 self.set_signals(false);
             }
             // io_uring_enter only with something to submit, or (deferred mode) with
@@ -435,11 +464,12 @@ impl RingState {
             // kernel even for an empty queue, and that was two system calls per I/O for
             // nothing (completions are seen in the shared ring without one). With work
             // queued, submit() asks for it to be run (IORING_ENTER_GETEVENTS).
-            let queued_work = self.defer && self.ring.submission().taskrun();
+            let queued_work = self.defer && self.taskrun();
             if !self.ring.submission().is_empty() || queued_work {
                 #[cfg(test)]
                 {
                     self.submissions += usize::from(!self.ring.submission().is_empty());
+                    self.enters += 1;
                 }
                 if let Err(e) = self.ring.submit() {
                     if e.raw_os_error() != Some(libc::EINTR)
@@ -449,16 +479,19 @@ impl RingState {
                     }
                 }
             }
-            // Again if reaping started backlogged I/O, or if signals just came on with work
-            // queued while they were off (the kernel flags again what it kept back of a large
-            // batch); later completions signal the eventfd when someone waits for them.
             let reaped = self.reap_once();
-            let turned_on = self.update_signals();
+            self.update_signals();
+            // Again if reaping started backlogged I/O; or if someone waits (signals on) and
+            // the kernel has work queued: queued while the signals were off, it signalled
+            // nobody, and the kernel signals again only once its queue has been run (it flags
+            // again what it kept back of a large batch). A pass with the signals on that
+            // reaps nothing is the last: any work queued during it was signalled.
             let again = (reaped && !self.ring.submission().is_empty())
-                || (turned_on && self.ring.submission().taskrun());
+                || (self.defer && self.signals && self.taskrun() && (reaped || !recheck));
             if !again {
                 return;
             }
+            recheck = !reaped;
         }
     }
 
@@ -872,5 +905,39 @@ mod tests {
             soon(r.read(0, 8192)).await.unwrap().as_ref()[4096..],
             [5u8; 4096]
         );
+    }
+
+    /// The kernel's "work queued" flag can be left set with nothing queued, and stay so on an
+    /// idle disk. With it stuck, a watch taken with nothing in flight returns after at most
+    /// two enters (it used to loop for good, holding the runtime's only thread), and I/O
+    /// still completes, each completion taken on its signal (the backstop is an hour). Runs
+    /// on a thread of its own, so that a ring stuck in a loop fails the test instead of
+    /// hanging it.
+    #[test]
+    fn a_stale_work_flag_does_not_spin() {
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (_d, r) = ring(HOUR);
+                r.state.lock().unwrap().stale_taskrun = true;
+                let before = r.state.lock().unwrap().enters;
+                let w = r.watch();
+                let enters = r.state.lock().unwrap().enters - before;
+                assert!(enters <= 2, "{enters} enters for nothing");
+                soon(r.write(0, block(7), true)).await.unwrap();
+                soon(r.write_batched(4096, block(8))).await.unwrap();
+                let back = soon(r.read(0, 8192)).await.unwrap();
+                assert_eq!(back.as_ref()[..4096], [7u8; 4096]);
+                assert_eq!(back.as_ref()[4096..], [8u8; 4096]);
+                drop(w);
+            });
+            done.send(()).unwrap();
+        });
+        wait.recv_timeout(Duration::from_secs(120))
+            .expect("the ring's thread is stuck (or its test failed: see its panic above)");
     }
 }
