@@ -94,7 +94,7 @@ impl DataClient {
     /// Connects over TCP, even to a node on this host.
     pub async fn connect_tcp(addr: &str) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        super::tcp_session(&stream)?;
         let (r, w) = stream.into_split();
         Self::handshake(r, w, false).await
     }

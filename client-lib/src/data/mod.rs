@@ -16,11 +16,38 @@
 //! - [`local`]: the Unix socket transport to a node on this host.
 //! - [`writer`]: a connection's writer task, batching the frames ready together, and the
 //!   helpers that let ready tasks run first.
+//!
+//! [`tcp_session`] sets up every long-lived TCP connection of Cairn's data path (to and from
+//! storage nodes, and NBD clients): no Nagle delay, and keepalive probes.
 
 pub mod client;
 pub mod frame;
 pub mod local;
 pub mod writer;
+
+/// Silence on a connection after which the kernel starts probing its peer.
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Between probes.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Unanswered probes after which the connection is reset.
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Sets up a long-lived TCP connection: TCP_NODELAY (requests and answers are small and
+/// latency is the product), and keepalive probes. A peer whose host lost power or its network
+/// sends no FIN, and without probes its connection stays open for good on this end: a node
+/// kept a task and a descriptor per connection of a gateway that died, and a gateway kept the
+/// volume of an NBD client that died attached, its lease held. With probes the connection is
+/// reset about [`KEEPALIVE_IDLE`] + [`KEEPALIVE_PROBES`] × [`KEEPALIVE_INTERVAL`] (a minute)
+/// after the peer went silent, and its reader sees the error like any other.
+pub fn tcp_session(s: &tokio::net::TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    socket2::SockRef::from(s).set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )
+}
 
 /// Protocol version spoken by this build; the handshake refuses any other.
 pub const PROTOCOL_VERSION: u32 = 1;

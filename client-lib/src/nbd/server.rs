@@ -66,7 +66,10 @@ impl NbdServer {
         loop {
             match l.accept().await {
                 Ok((s, peer)) => {
-                    let _ = s.set_nodelay(true);
+                    if let Err(e) = crate::data::tcp_session(&s) {
+                        tracing::debug!(%peer, error = %e, "NBD connection closed");
+                        continue;
+                    }
                     tokio::spawn(self.clone().connection(s, peer.to_string()));
                 }
                 Err(e) => {

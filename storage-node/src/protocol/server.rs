@@ -147,7 +147,7 @@ impl<E: ChunkEngine> DataServer<E> {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        if let Err(e) = stream.set_nodelay(true) {
+                        if let Err(e) = cairn_client::data::tcp_session(&stream) {
                             tracing::debug!(%peer, error = %e, "data connection closed");
                             continue;
                         }
