@@ -318,9 +318,12 @@ fn keepalive_armed(local: u16, remote: u16) -> bool {
 }
 
 /// A TCP peer that goes silent (its host lost power: no FIN ever comes) is probed by the
-/// gateway and by the nodes, so its connection is reset within a minute or so instead of
-/// holding a task, a descriptor and, in the gateway, the volume's lease for good. Checked on
-/// the server's end of an NBD connection and of a data connection to each node.
+/// gateway, the nodes and the metadata member, so its connection is reset within a minute or
+/// so instead of holding a task, a descriptor and, in the gateway, the volume's lease for
+/// good. Checked on the server's end of an NBD connection, of a data connection to each node
+/// and of an API connection to the metadata member; and on the daemons' own connections to
+/// the metadata member (they would otherwise keep calling a dead member until each call
+/// timed out).
 #[test]
 fn silent_tcp_peers_are_probed() {
     let c = UpCluster::start();
@@ -334,6 +337,7 @@ fn silent_tcp_peers_are_probed() {
         .collect();
     assert_eq!(servers.len(), 3, "{status}");
     servers.push(c.nbd.clone());
+    servers.push(c.meta.clone());
     let clients: Vec<std::net::TcpStream> = servers
         .iter()
         .map(|a| std::net::TcpStream::connect(a.as_str()).unwrap())
@@ -351,5 +355,30 @@ fn silent_tcp_peers_are_probed() {
         assert!(armed, "{addr}: no keepalive on the server's end");
         // And a client's own socket (this test's) has none: the check can tell.
         assert!(!keepalive_armed(client_port, server_port));
+    }
+    // The gateway's and the nodes' connections to the metadata member (each daemon reports
+    // to it): every one established from a port other than this test's.
+    let meta_port: u16 = c.meta.rsplit(':').next().unwrap().parse().unwrap();
+    let ours = clients.last().unwrap().local_addr().unwrap().port();
+    let theirs: Vec<u16> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[3] == "01")
+        .filter_map(|f| {
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+            (port(f[2]) == meta_port && port(f[1]) != ours).then(|| port(f[1]))
+        })
+        .collect();
+    assert!(
+        theirs.len() >= 2,
+        "no daemon is connected to the metadata member"
+    );
+    for port in theirs {
+        assert!(
+            keepalive_armed(port, meta_port),
+            "the connection from port {port} to the metadata member has no keepalive"
+        );
     }
 }

@@ -64,6 +64,11 @@ fn channel(addr: &str) -> Result<Channel, MetaClientError> {
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
+        // A member whose host lost power sends no FIN: without probes a connection to it
+        // stays up for good, every call on it timing out (see `data::tcp_session`).
+        .tcp_keepalive(Some(crate::data::KEEPALIVE_IDLE))
+        .tcp_keepalive_interval(Some(crate::data::KEEPALIVE_INTERVAL))
+        .tcp_keepalive_retries(Some(crate::data::KEEPALIVE_PROBES))
         .connect_lazy())
 }
 

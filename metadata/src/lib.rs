@@ -55,6 +55,21 @@ use transport::{Transport, TransportService};
 /// Largest API request accepted.
 const MAX_API_MESSAGE: usize = 64 << 20;
 
+/// Keepalive of the members' TCP connections (API clients, and member to member), as on the
+/// data path: a peer silent for this long is probed...
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// ...every so often...
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...and its connection reset after this many unanswered probes.
+const KEEPALIVE_PROBES: u32 = 3;
+
+fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES)
+}
+
 /// A running metadata member.
 pub struct Server {
     addr: SocketAddr,
@@ -169,12 +184,15 @@ impl Server {
             );
         let serve = tokio::spawn(async move {
             // Without TCP_NODELAY, replies written in pieces wait on the peer's delayed ACK
-            // (~40 ms) whenever several requests are in flight on one connection.
+            // (~40 ms) whenever several requests are in flight on one connection. Keepalive:
+            // a client whose host lost power sends no FIN, and its connection would stay open
+            // here for good.
             let incoming = tokio_stream::StreamExt::map(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 |s| {
                     if let Ok(s) = &s {
                         let _ = s.set_nodelay(true);
+                        let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive());
                     }
                     s
                 },
