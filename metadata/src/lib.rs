@@ -16,6 +16,9 @@
 //!   moves its memberships to disks on other hosts.
 //! - [`node`]: the raft loop thread (proposals, ReadIndex reads, `Ready` handling).
 //! - [`transport`]: member-to-member raft messages over gRPC.
+//!
+//! Every TCP connection a member accepts or makes has keepalive probes (30 s of silence, 3
+//! probes 10 s apart), as on the data path: a peer whose host died is dropped within a minute.
 //! - [`service`]: the `Metadata` gRPC API.
 //! - [`error`]: errors and their gRPC mapping; [`failpoints`]: failpoint names.
 //!

@@ -40,6 +40,16 @@ pub struct Dirty {
     pub torn: Bitmap,
 }
 
+impl Dirty {
+    /// Block `b` changed (and its torn mark too, if `torn_changed`).
+    fn mark(&mut self, b: usize, torn_changed: bool) {
+        self.blocks.set(b, true);
+        if torn_changed {
+            self.torn.set(b, true);
+        }
+    }
+}
+
 /// The chunk state of a disk.
 #[derive(Default)]
 pub struct Chunks {
@@ -58,11 +68,7 @@ pub struct Outcome {
 impl Chunks {
     /// Records that `chunk`'s block `b` changed (and whether its torn mark did).
     pub fn touch(&mut self, chunk: ChunkId, b: usize, torn_changed: bool) {
-        let d = self.dirty.entry(chunk).or_default();
-        d.blocks.set(b, true);
-        if torn_changed {
-            d.torn.set(b, true);
-        }
+        self.dirty.entry(chunk).or_default().mark(b, torn_changed);
     }
 
     /// A write's blocks now hold `crcs` from `first`.
@@ -74,11 +80,9 @@ impl Chunks {
             let b = first + i;
             m.crcs[b] = *c;
             m.mapped.set(b, true);
-            d.blocks.set(b, true);
-            if m.torn.get(b) {
-                m.torn.set(b, false);
-                d.torn.set(b, true);
-            }
+            let torn_changed = m.torn.get(b);
+            m.torn.set(b, false);
+            d.mark(b, torn_changed);
         }
     }
 
