@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 /// Alignment of every buffer and offset handed to O_DIRECT I/O.
 pub const IO_ALIGN: usize = 4096;
 
-/// A buffer aligned to [`IO_ALIGN`], as O_DIRECT requires: zeroed, or a copy of some bytes.
+/// A buffer aligned to [`IO_ALIGN`], as O_DIRECT requires: zeroed, a copy of some bytes, or
+/// pieces laid out with zeros between them.
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
@@ -54,6 +55,37 @@ impl AlignedBuf {
         }
     }
 
+    /// `len` bytes holding each `(offset, data)` of `parts` and zeros everywhere else. Every
+    /// byte is written once (`zeroed` and then copying writes the data's bytes twice: a log
+    /// batch is nearly all data). Panics if the parts are out of order, overlap or overrun.
+    pub fn assemble(len: usize, parts: &[(usize, &[u8])]) -> Self {
+        let mut end = 0;
+        for (off, data) in parts {
+            assert!(*off >= end, "parts out of order or overlapping");
+            end = off + data.len();
+        }
+        assert!(end <= len, "parts overrun the buffer");
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size (at least IO_ALIGN).
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let base = ptr.as_ptr();
+        let mut at = 0;
+        for (off, data) in parts {
+            // SAFETY: checked above: `at <= off`, `off + data.len() <= len`, all within the
+            // fresh allocation of `len` bytes, which cannot overlap `data`.
+            unsafe {
+                std::ptr::write_bytes(base.add(at), 0, off - at);
+                std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(*off), data.len());
+            }
+            at = off + data.len();
+        }
+        // SAFETY: `at <= len`; after this every one of the `len` bytes is initialised.
+        unsafe { std::ptr::write_bytes(base.add(at), 0, len - at) };
+        Self { ptr, len }
+    }
+
     pub fn into_bytes(self) -> Bytes {
         Bytes::from_owner(self)
     }
@@ -75,7 +107,7 @@ impl AsMut<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` or `copy_from` with this same layout.
+        // SAFETY: allocated in `zeroed`, `copy_from` or `assemble` with this same layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
 }

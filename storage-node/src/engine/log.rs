@@ -159,33 +159,36 @@ pub fn encode_batch(first_seq: u64, records: &[&Record], salt: u32) -> AlignedBu
     assert!(!records.is_empty() && records.len() <= MAX_ENTRIES);
     let payload_blocks: usize = records.iter().map(|r| r.payload_blocks()).sum();
     assert!(payload_blocks * BLOCK <= MAX_PAYLOAD);
-    let mut buf = AlignedBuf::zeroed((1 + payload_blocks) * BLOCK);
+    // A write's data goes straight from its buffer into the batch, and only the header and
+    // the padding are zeroed (this is every small write's path).
+    let payloads: Vec<std::borrow::Cow<[u8]>> = records
+        .iter()
+        .map(|r| match r {
+            Record::Write { data, .. } => std::borrow::Cow::Borrowed(&data[..]),
+            _ => std::borrow::Cow::Owned(r.payload()),
+        })
+        .collect();
+    let mut parts = Vec::with_capacity(records.len());
+    let mut at = BLOCK;
+    for (r, p) in records.iter().zip(&payloads) {
+        if !p.is_empty() {
+            parts.push((at, &p[..]));
+        }
+        at += r.payload_blocks() * BLOCK;
+    }
+    let mut buf = AlignedBuf::assemble((1 + payload_blocks) * BLOCK, &parts);
     let b = buf.as_mut();
     b[0..4].copy_from_slice(LOG_MAGIC);
     b[4..6].copy_from_slice(&LOG_FORMAT.to_le_bytes());
     b[6..8].copy_from_slice(&(records.len() as u16).to_le_bytes());
     b[8..16].copy_from_slice(&first_seq.to_le_bytes());
     b[16..20].copy_from_slice(&(payload_blocks as u32).to_le_bytes());
-    let mut at = BLOCK;
-    for (i, r) in records.iter().enumerate() {
-        // A write's data goes straight from its buffer into the batch (no intermediate copy:
-        // this is every small write's path).
+    for (i, (r, p)) in records.iter().zip(&payloads).enumerate() {
         let payload_crc = match r {
-            Record::Write { data, crc, .. } => {
-                b[at..at + data.len()].copy_from_slice(data);
-                *crc
-            }
-            _ => {
-                let p = r.payload();
-                b[at..at + p.len()].copy_from_slice(&p);
-                if p.is_empty() {
-                    0
-                } else {
-                    crc32c::crc32c(&p)
-                }
-            }
+            Record::Write { crc, .. } => *crc,
+            _ if p.is_empty() => 0,
+            _ => crc32c::crc32c(p),
         };
-        at += r.payload_blocks() * BLOCK;
         let e = &mut b[HEADER_FIXED + i * ENTRY..HEADER_FIXED + (i + 1) * ENTRY];
         let (chunk, slot, first) = match r {
             Record::Write {
@@ -752,6 +755,35 @@ mod tests {
             decode_header(&b[..BLOCK], 6).is_none(),
             "another disk's salt"
         );
+    }
+
+    /// The bytes of a batch that no record fills (the header past its entries, a payload's
+    /// padding) are zeros, whatever the memory held before: a batch never carries stale heap
+    /// contents to the disk.
+    #[test]
+    fn unused_bytes_are_zero() {
+        let recs = [Record::Intent {
+            chunk: C,
+            slot: 9,
+            first_block: 0,
+            crcs: vec![1, 2, 3],
+        }];
+        let refs: Vec<&Record> = recs.iter().collect();
+        for _ in 0..4 {
+            // Freed memory of the batch's size, full of ones, for the allocator to hand back.
+            drop(std::hint::black_box(AlignedBuf::copy_from(
+                &[0xff; 2 * BLOCK],
+            )));
+            let b = encode_batch(1, &refs, 0);
+            let b = b.as_ref();
+            assert_eq!(b.len(), 2 * BLOCK);
+            assert!(
+                b[HEADER_FIXED + ENTRY..BLOCK].iter().all(|&x| x == 0),
+                "header tail"
+            );
+            assert_eq!(&b[BLOCK..BLOCK + 12], &[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+            assert!(b[BLOCK + 12..].iter().all(|&x| x == 0), "payload padding");
+        }
     }
 
     /// A flipped byte anywhere in the header's used part, or in any payload, is caught.
