@@ -5,20 +5,22 @@
 //! watchdog task per connection, which counts ticks of [`WATCH_EVERY`] and fails each call
 //! whose limit has passed, instead of a timer armed and cancelled for every call: that was a
 //! timer-wheel entry and two clock reads per member per write, on the busiest path there is.
+//! The watchdog sleeps while no call with a limit is waiting (a gateway with many volumes
+//! has a connection per volume and node, most of them idle), and the next such call wakes it.
 
 use std::borrow::BorrowMut;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_proto::data as pb;
-use foldhash::{HashMap, HashMapExt};
+use foldhash::HashMap;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::frame::{Frame, FrameCodec};
@@ -44,15 +46,42 @@ struct Waiting {
     deadline: u64,
 }
 
-/// Waiting calls by request id; `None` once the connection is gone, so that a call made after
+/// The calls of one connection, `None` once the connection is gone, so that a call made after
 /// the reader has stopped fails at once instead of waiting for an answer that cannot come.
-type Pending = Arc<Mutex<Option<HashMap<u64, Waiting>>>>;
+type Pending = Arc<Mutex<Option<Calls>>>;
+
+#[derive(Default)]
+struct Calls {
+    /// Waiting calls by request id.
+    waiting: HashMap<u64, Waiting>,
+    /// The watchdog found no call with a limit at its last tick and waits for `Watch::wake`.
+    /// Set and cleared under the lock that guards `waiting`, so a limited call inserted after
+    /// the watchdog looked always sees it and wakes it.
+    watchdog_asleep: bool,
+}
+
+/// What a connection shares with its watchdog.
+#[derive(Default)]
+struct Watch {
+    /// The watchdog's ticks so far; they do not advance while it sleeps.
+    ticks: AtomicU64,
+    /// Wakes a sleeping watchdog: a limited call was made, or the connection is gone.
+    wake: Notify,
+    /// The client was dropped or the connection ended: the watchdog stops.
+    closed: AtomicBool,
+}
+
+impl Watch {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
 
 pub struct DataClient {
     tx: mpsc::Sender<Frame>,
     pending: Pending,
-    /// The watchdog's ticks so far.
-    ticks: Arc<AtomicU64>,
+    watch: Arc<Watch>,
     next_id: AtomicU64,
     pub node_uuid: String,
     /// Connected over the node's Unix socket (same host), not TCP.
@@ -129,10 +158,11 @@ impl DataClient {
         if !welcome.error.is_empty() {
             return Err(ClientError::Refused(welcome.error));
         }
-        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let pending: Pending = Arc::new(Mutex::new(Some(Calls::default())));
+        let watch = Arc::new(Watch::default());
         let (tx, rx) = mpsc::channel::<Frame>(1024);
         tokio::spawn(super::writer::write_frames(rx, writer.into_inner()));
-        let p = pending.clone();
+        let (p, w) = (pending.clone(), watch.clone());
         tokio::spawn(async move {
             while let Some(Ok(f)) = reader.next().await {
                 let Ok(r) = pb::Response::decode(f.header) else {
@@ -142,20 +172,20 @@ impl DataClient {
                     .lock()
                     .expect("pending lock")
                     .as_mut()
-                    .and_then(|m| m.remove(&r.request_id));
+                    .and_then(|c| c.waiting.remove(&r.request_id));
                 if let Some(w) = tx {
                     let _ = w.tx.send(Ok((r, f.payload)));
                 }
             }
             // Dropping the senders wakes every waiter with Closed; later calls see None.
             p.lock().expect("pending lock").take();
+            w.close();
         });
-        let ticks = Arc::new(AtomicU64::new(0));
-        tokio::spawn(watchdog(pending.clone(), ticks.clone(), tx.downgrade()));
+        tokio::spawn(watchdog(pending.clone(), watch.clone(), tx.downgrade()));
         Ok(Self {
             tx,
             pending,
-            ticks,
+            watch,
             next_id: AtomicU64::new(1),
             node_uuid: welcome.node_uuid,
             local,
@@ -188,6 +218,7 @@ impl DataClient {
         let wait =
             u64::try_from(limit.as_nanos().div_ceil(WATCH_EVERY.as_nanos())).unwrap_or(u64::MAX);
         let deadline = self
+            .watch
             .ticks
             .load(Ordering::Relaxed)
             .saturating_add(wait)
@@ -208,10 +239,16 @@ impl DataClient {
             req.payload_crc = crc32c::crc32c(&payload);
         }
         let (tx, rx) = oneshot::channel();
-        match self.pending.lock().expect("pending lock").as_mut() {
-            Some(m) => m.insert(req.request_id, Waiting { tx, deadline }),
+        let wake = match self.pending.lock().expect("pending lock").as_mut() {
+            Some(c) => {
+                c.waiting.insert(req.request_id, Waiting { tx, deadline });
+                deadline != u64::MAX && std::mem::take(&mut c.watchdog_asleep)
+            }
             None => return Err(ClientError::Closed),
         };
+        if wake {
+            self.watch.wake.notify_one();
+        }
         let f = Frame {
             header: Bytes::from(req.encode_to_vec()),
             payload,
@@ -229,24 +266,45 @@ impl DataClient {
     }
 }
 
-/// Fails the calls of one connection that are past their deadline, every [`WATCH_EVERY`],
-/// until the connection is gone (its reader stopped) or its client dropped.
-async fn watchdog(pending: Pending, ticks: Arc<AtomicU64>, alive: mpsc::WeakSender<Frame>) {
+impl Drop for DataClient {
+    fn drop(&mut self) {
+        self.watch.close();
+    }
+}
+
+/// Fails the calls of one connection that are past their deadline, every [`WATCH_EVERY`]
+/// while any call with a limit waits, until the connection is gone (its reader stopped) or
+/// its client dropped.
+async fn watchdog(pending: Pending, watch: Arc<Watch>, alive: mpsc::WeakSender<Frame>) {
     let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
     loop {
         every.tick().await;
-        if alive.upgrade().is_none() {
+        if alive.upgrade().is_none() || watch.closed.load(Ordering::Acquire) {
             return;
         }
-        let now = ticks.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut g = pending.lock().expect("pending lock");
-        let Some(m) = g.as_mut() else {
-            return;
+        let now = watch.ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        let asleep = {
+            let mut g = pending.lock().expect("pending lock");
+            let Some(c) = g.as_mut() else {
+                return;
+            };
+            for (_, w) in c.waiting.extract_if(|_, w| w.deadline <= now) {
+                let _ = w.tx.send(Err(ClientError::TimedOut));
+            }
+            c.watchdog_asleep = c.waiting.values().all(|w| w.deadline == u64::MAX);
+            c.watchdog_asleep
         };
-        for (_, w) in m.extract_if(|_, w| w.deadline <= now) {
-            let _ = w.tx.send(Err(ClientError::TimedOut));
+        if asleep {
+            // A wake sent between the lock's release and this wait is kept by `Notify`.
+            watch.wake.notified().await;
+            if watch.closed.load(Ordering::Acquire) {
+                return;
+            }
+            // The next tick comes a whole `WATCH_EVERY` after the call that woke us, so that
+            // call still fails no earlier than its limit.
+            every.reset();
         }
     }
 }
@@ -324,5 +382,43 @@ mod tests {
         assert!(c.call(pb::Request::default(), Bytes::new()).await.is_ok());
         let far = c.call_within(pb::Request::default(), Bytes::new(), Duration::MAX);
         assert!(far.await.is_ok());
+    }
+
+    /// A connection with no call under a limit costs no wake-ups: its watchdog sleeps, the
+    /// next limited call wakes it (and still fails no earlier than its limit), it sleeps again
+    /// once that call is over, and it ends with the client.
+    #[tokio::test]
+    async fn the_watchdog_sleeps_while_no_limited_call_waits() {
+        let c = DataClient::connect_tcp(&node_ignoring_the_first_request().await)
+            .await
+            .expect("connect");
+        let ticks = || c.watch.ticks.load(Ordering::Relaxed);
+        tokio::time::sleep(4 * WATCH_EVERY).await;
+        assert!(ticks() <= 1, "an idle watchdog ticked {} times", ticks());
+        let limit = Duration::from_millis(300);
+        let started = Instant::now();
+        let r = c
+            .call_within(pb::Request::default(), Bytes::new(), limit)
+            .await;
+        assert!(matches!(r, Err(ClientError::TimedOut)), "{r:?}");
+        assert!(started.elapsed() >= limit, "failed before its limit");
+        // A call without a limit does not wake it.
+        assert!(c.call(pb::Request::default(), Bytes::new()).await.is_ok());
+        let after = ticks();
+        tokio::time::sleep(4 * WATCH_EVERY).await;
+        assert!(
+            ticks() <= after + 1,
+            "ticked on after the call: {after} -> {}",
+            ticks()
+        );
+        let watch = Arc::downgrade(&c.watch);
+        drop(c);
+        for _ in 0..100 {
+            if watch.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the watchdog outlived its client");
     }
 }
