@@ -66,9 +66,9 @@ fn channel(addr: &str) -> Result<Channel, MetaClientError> {
         .tcp_nodelay(true)
         // A member whose host lost power sends no FIN: without probes a connection to it
         // stays up for good, every call on it timing out (see `data::tcp_session`).
-        .tcp_keepalive(Some(crate::data::KEEPALIVE_IDLE))
-        .tcp_keepalive_interval(Some(crate::data::KEEPALIVE_INTERVAL))
-        .tcp_keepalive_retries(Some(crate::data::KEEPALIVE_PROBES))
+        .tcp_keepalive(Some(cairn_proto::keepalive::IDLE))
+        .tcp_keepalive_interval(Some(cairn_proto::keepalive::INTERVAL))
+        .tcp_keepalive_retries(Some(cairn_proto::keepalive::PROBES))
         .connect_lazy())
 }
 

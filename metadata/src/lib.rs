@@ -59,18 +59,13 @@ use transport::{Transport, TransportService};
 const MAX_API_MESSAGE: usize = 64 << 20;
 
 /// Keepalive of the members' TCP connections (API clients, and member to member), as on the
-/// data path: a peer silent for this long is probed...
-const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
-/// ...every so often...
-const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-/// ...and its connection reset after this many unanswered probes.
-const KEEPALIVE_PROBES: u32 = 3;
-
+/// data path.
 fn keepalive() -> socket2::TcpKeepalive {
+    use cairn_proto::keepalive::{IDLE, INTERVAL, PROBES};
     socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES)
+        .with_time(IDLE)
+        .with_interval(INTERVAL)
+        .with_retries(PROBES)
 }
 
 /// A running metadata member.

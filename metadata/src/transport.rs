@@ -117,9 +117,9 @@ async fn peer_loop(inner: Arc<Inner>, to: u64, mut rx: mpsc::Receiver<Message>) 
                         .map(|e| {
                             e.connect_timeout(Duration::from_millis(500))
                                 .tcp_nodelay(true)
-                                .tcp_keepalive(Some(crate::KEEPALIVE_IDLE))
-                                .tcp_keepalive_interval(Some(crate::KEEPALIVE_INTERVAL))
-                                .tcp_keepalive_retries(Some(crate::KEEPALIVE_PROBES))
+                                .tcp_keepalive(Some(cairn_proto::keepalive::IDLE))
+                                .tcp_keepalive_interval(Some(cairn_proto::keepalive::INTERVAL))
+                                .tcp_keepalive_retries(Some(cairn_proto::keepalive::PROBES))
                                 .connect_lazy()
                         })
                         .map(|ch| {

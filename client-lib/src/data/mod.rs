@@ -25,27 +25,21 @@ pub mod frame;
 pub mod local;
 pub mod writer;
 
-/// Silence on a connection after which the kernel starts probing its peer.
-pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
-/// Between probes.
-pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-/// Unanswered probes after which the connection is reset.
-pub const KEEPALIVE_PROBES: u32 = 3;
-
 /// Sets up a long-lived TCP connection: TCP_NODELAY (requests and answers are small and
 /// latency is the product), and keepalive probes. A peer whose host lost power or its network
 /// sends no FIN, and without probes its connection stays open for good on this end: a node
 /// kept a task and a descriptor per connection of a gateway that died, and a gateway kept the
-/// volume of an NBD client that died attached, its lease held. With probes the connection is
-/// reset about [`KEEPALIVE_IDLE`] + [`KEEPALIVE_PROBES`] × [`KEEPALIVE_INTERVAL`] (a minute)
-/// after the peer went silent, and its reader sees the error like any other.
+/// volume of an NBD client that died attached, its lease held. With probes
+/// ([`cairn_proto::keepalive`]) the connection is reset about a minute after the peer went
+/// silent, and its reader sees the error like any other.
 pub fn tcp_session(s: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use cairn_proto::keepalive::{IDLE, INTERVAL, PROBES};
     s.set_nodelay(true)?;
     socket2::SockRef::from(s).set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_PROBES),
+            .with_time(IDLE)
+            .with_interval(INTERVAL)
+            .with_retries(PROBES),
     )
 }
 
