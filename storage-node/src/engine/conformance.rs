@@ -42,6 +42,7 @@ pub async fn run_all<H: Harness, F: std::future::Future<Output = H>>(make: impl 
     invalid_requests_change_nothing(&make().await).await;
     discard_and_write_zeroes(&make().await).await;
     corruption_is_reported(&make().await).await;
+    checked_reads_carry_their_checksum(&make().await).await;
     concurrent_writes_and_racing_reads(Arc::new(make().await)).await;
 }
 
@@ -198,6 +199,37 @@ pub async fn corruption_is_reported<H: Harness>(h: &H) {
         e.read(C, 2 * BLOCK_SIZE, BLOCK_SIZE).await.unwrap(),
         pattern(9, B)
     );
+}
+
+/// A checked read returns the same bytes as a plain one, with the CRC32C of exactly those
+/// bytes, whatever the read covers: a lone mapped block (whose stored checksum an engine may
+/// hand back), an unmapped one, a partly mapped range, a block overwritten since; and a
+/// corrupt block is reported, not answered with its old checksum.
+pub async fn checked_reads_carry_their_checksum<H: Harness>(h: &H) {
+    let e = h.engine();
+    e.write(C, 4 * BLOCK_SIZE, pattern(10, 3 * B))
+        .await
+        .unwrap();
+    e.write(C, 5 * BLOCK_SIZE, pattern(11, B)).await.unwrap();
+    for (first, n) in [(4, 1), (5, 1), (6, 1), (9, 1), (3, 4), (4, 3), (0, 16)] {
+        let (off, len) = (first * BLOCK_SIZE, n * BLOCK_SIZE);
+        let (data, crc) = e.read_checked(C, off, len).await.unwrap();
+        assert_eq!(
+            data,
+            e.read(C, off, len).await.unwrap(),
+            "blocks {first}+{n}"
+        );
+        assert_eq!(crc, crc32c::crc32c(&data), "checksum of blocks {first}+{n}");
+    }
+    h.corrupt(C, 6).await;
+    assert!(
+        matches!(
+            e.read_checked(C, 6 * BLOCK_SIZE, BLOCK_SIZE).await,
+            Err(EngineError::Corrupt { block: 6, .. })
+        ),
+        "a corrupt block read with a checksum"
+    );
+    assert!(e.read_checked(C, 1, BLOCK_SIZE).await.is_err(), "unaligned");
 }
 
 /// Concurrent writes to one chunk (same and different blocks) and reads racing them: every

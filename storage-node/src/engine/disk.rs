@@ -506,7 +506,9 @@ impl Shared {
         io_err(e)
     }
 
-    async fn read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Bytes> {
+    /// Reads and checks blocks; with the payload's CRC32C when it is a lone mapped block's
+    /// (just checked against it), else `None`.
+    async fn read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<(Bytes, Option<u32>)> {
         let first = (offset / BLOCK_SIZE) as usize;
         let n = (len / BLOCK_SIZE) as usize;
         let _g = self.lock(chunk, first, first + n, false).await;
@@ -520,7 +522,7 @@ impl Shared {
             })
         };
         let Some((slot, blocks)) = snapshot.filter(|(_, b)| b.iter().any(|x| x.0 || x.1)) else {
-            return Ok(Bytes::from(vec![0u8; len as usize]));
+            return Ok((Bytes::from(vec![0u8; len as usize]), None));
         };
         let mut buf = self
             .file
@@ -545,7 +547,11 @@ impl Shared {
                 });
             }
         }
-        Ok(buf.into_bytes())
+        let crc = match blocks[..] {
+            [(true, false, crc)] => Some(crc),
+            _ => None,
+        };
+        Ok((buf.into_bytes(), crc))
     }
 
     async fn discard(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
@@ -713,7 +719,15 @@ impl ChunkEngine for DiskEngine {
     async fn read(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<Bytes> {
         check_range(offset, len)?;
         self.s.check_poisoned()?;
-        self.s.read(chunk, offset, len).await
+        Ok(self.s.read(chunk, offset, len).await?.0)
+    }
+
+    async fn read_checked(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<(Bytes, u32)> {
+        check_range(offset, len)?;
+        self.s.check_poisoned()?;
+        let (data, crc) = self.s.read(chunk, offset, len).await?;
+        let crc = crc.unwrap_or_else(|| crc32c::crc32c(&data));
+        Ok((data, crc))
     }
 
     async fn discard(&self, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {

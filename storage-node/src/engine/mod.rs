@@ -151,6 +151,21 @@ pub trait ChunkEngine: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Bytes>> + Send;
+    /// [`ChunkEngine::read`], with the CRC32C of all the bytes it returns (the data protocol
+    /// sends one with every payload). An engine that has just checked a lone block against
+    /// its checksum returns that checksum instead of reading the data through again.
+    fn read_checked(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(Bytes, u32)>> + Send {
+        async move {
+            let data = self.read(chunk, offset, len).await?;
+            let crc = crc32c::crc32c(&data);
+            Ok((data, crc))
+        }
+    }
     /// Unmaps blocks: they read as zeros afterwards, and a fully unmapped chunk frees its slot.
     fn discard(
         &self,

@@ -42,7 +42,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, Notify};
 
-use super::io::AlignedBuf;
+use super::io::{AlignedBuf, UnfilledBuf};
 
 /// Size of each registered buffer.
 pub const FIXED_BUF_SIZE: usize = 128 << 10;
@@ -304,6 +304,8 @@ enum Buf {
     Fixed(usize),
     Owned(AlignedBuf),
     Data(Bytes),
+    /// A read's destination, handed to the caller once the read has filled all of it.
+    Unfilled(UnfilledBuf),
 }
 
 enum Done {
@@ -569,13 +571,13 @@ impl RingState {
                 .rw_flags(flags)
                 .build()
             }
-            (Buf::Owned(b), false) => {
+            (Buf::Unfilled(b), _) => {
                 // SAFETY: `done` < len = the buffer's length.
-                opcode::Read::new(fd, unsafe { b.as_mut().as_mut_ptr().add(f.done) }, rest)
+                opcode::Read::new(fd, unsafe { b.as_mut_ptr().add(f.done) }, rest)
                     .offset(off)
                     .build()
             }
-            (Buf::Owned(b), true) => {
+            (Buf::Owned(b), _) => {
                 // SAFETY: as above.
                 opcode::Write::new(fd, unsafe { b.as_ref().as_ptr().add(f.done) }, rest)
                     .offset(off)
@@ -615,7 +617,7 @@ impl RingState {
             Req::Read { off, len, tx } => {
                 // Into the buffer the caller gets: a registered one would save the kernel
                 // pinning a page or two, but its data would then be copied out, cold.
-                let buf = Buf::Owned(AlignedBuf::zeroed(len));
+                let buf = Buf::Unfilled(UnfilledBuf::new(len));
                 (
                     InFlight {
                         off,
@@ -728,9 +730,12 @@ impl RingState {
         match (f.reply, f.buf) {
             (Done::Read(tx), Some(buf)) => {
                 let out = match (result, buf) {
-                    (Ok(()), Buf::Owned(b)) => Ok(b),
-                    (Ok(()), Buf::Fixed(_) | Buf::Data(_)) => {
-                        unreachable!("reads go to owned buffers")
+                    // SAFETY: a read ends `Ok` only once its completions add up to its whole
+                    // length (a short one is resubmitted for the rest, one of 0 bytes is an
+                    // error): the kernel has written every byte.
+                    (Ok(()), Buf::Unfilled(b)) => Ok(unsafe { b.assume_filled() }),
+                    (Ok(()), Buf::Fixed(_) | Buf::Data(_) | Buf::Owned(_)) => {
+                        unreachable!("reads go to unfilled buffers")
                     }
                     (Err(e), _) => Err(e),
                 };

@@ -398,38 +398,45 @@ impl<E: ChunkEngine> DataServer<E> {
                 | Command::WriteZeroes { .. }
         );
         let result = match req.cmd {
-            Command::Read { offset, len } => {
-                e.read(req.chunk, offset, len).await.map(|d| (None, d))
-            }
+            // The payload's checksum comes with it: for a lone block, the one it was just
+            // checked against.
+            Command::Read { offset, len } => e
+                .read_checked(req.chunk, offset, len)
+                .await
+                .map(|(d, crc)| (None, d, Some(crc))),
             Command::Write { offset, data, crc } => e
                 .write_checked(req.chunk, offset, data, crc)
                 .await
-                .map(|()| (None, Bytes::new())),
-            Command::Flush => e.flush().await.map(|()| (None, Bytes::new())),
+                .map(|()| (None, Bytes::new(), None)),
+            Command::Flush => e.flush().await.map(|()| (None, Bytes::new(), None)),
             Command::Discard { offset, len } => e
                 .discard(req.chunk, offset, len)
                 .await
-                .map(|()| (None, Bytes::new())),
+                .map(|()| (None, Bytes::new(), None)),
             Command::WriteZeroes { offset, len } => e
                 .write_zeroes(req.chunk, offset, len)
                 .await
-                .map(|()| (None, Bytes::new())),
-            Command::ChunkInfo => e
-                .chunk_info(req.chunk)
-                .map(|i| (Some(i.map(|i| i.mapped).unwrap_or_default()), Bytes::new())),
+                .map(|()| (None, Bytes::new(), None)),
+            Command::ChunkInfo => e.chunk_info(req.chunk).map(|i| {
+                (
+                    Some(i.map(|i| i.mapped).unwrap_or_default()),
+                    Bytes::new(),
+                    None,
+                )
+            }),
             Command::BlockCrcs => e.chunk_info(req.chunk).map(|i| match i {
-                None => (Some(vec![]), Bytes::new()),
+                None => (Some(vec![]), Bytes::new(), None),
                 Some(i) => {
                     let crcs: Vec<u8> = i.crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
-                    (Some(i.mapped), Bytes::from(crcs))
+                    (Some(i.mapped), Bytes::from(crcs), None)
                 }
             }),
             Command::ChunkCopy => match e.chunk_info(req.chunk) {
-                Ok(None) => Ok((Some(vec![]), Bytes::new())),
+                Ok(None) => Ok((Some(vec![]), Bytes::new(), None)),
                 Ok(Some(info)) => e
                     .read(req.chunk, 0, CHUNK_SIZE)
                     .await
-                    .map(|d| (Some(info.mapped), d)),
+                    .map(|d| (Some(info.mapped), d, None)),
                 Err(err) => Err(err),
             },
             Command::Barrier
@@ -442,14 +449,14 @@ impl<E: ChunkEngine> DataServer<E> {
             self.latency.record(uuid, started.elapsed());
         }
         match result {
-            Ok((mapped, payload)) => {
+            Ok((mapped, payload, crc)) => {
                 let r = pb::Response {
                     request_id: id,
                     status: pb::Status::Ok as i32,
-                    payload_crc: if payload.is_empty() {
-                        0
-                    } else {
-                        crc32c::crc32c(&payload)
+                    payload_crc: match crc {
+                        _ if payload.is_empty() => 0,
+                        Some(c) => c,
+                        None => crc32c::crc32c(&payload),
                     },
                     mapped: mapped.unwrap_or_default(),
                     ..Default::default()
