@@ -108,7 +108,7 @@ impl AsMut<[u8]> for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed`, `copy_from`, `assemble` or `UnfilledBuf::new` with this
-        // same layout.
+        // same layout (dropping frees it, whatever its bytes hold).
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
 }
@@ -116,16 +116,8 @@ impl Drop for AlignedBuf {
 /// An aligned buffer whose bytes are not initialised: where a read puts its data. It gives out
 /// only a raw pointer for the kernel to write through, and becomes an [`AlignedBuf`] once the
 /// read has filled all of it (zeroing it first cost a 4 KiB memset per read, on a buffer the
-/// device then overwrites).
-pub struct UnfilledBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: UnfilledBuf owns its allocation exclusively; nothing reads through it.
-unsafe impl Send for UnfilledBuf {}
-// SAFETY: no method reads or writes through `&self`.
-unsafe impl Sync for UnfilledBuf {}
+/// device then overwrites). The `AlignedBuf` inside is never read before then.
+pub struct UnfilledBuf(AlignedBuf);
 
 impl UnfilledBuf {
     pub fn new(len: usize) -> Self {
@@ -134,12 +126,12 @@ impl UnfilledBuf {
         let ptr = unsafe { std::alloc::alloc(layout) };
         let ptr =
             std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Self { ptr, len }
+        Self(AlignedBuf { ptr, len })
     }
 
     /// Where the data goes: `len` writable bytes, aligned to [`IO_ALIGN`].
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.0.ptr.as_ptr()
     }
 
     /// The buffer, filled.
@@ -147,18 +139,7 @@ impl UnfilledBuf {
     /// # Safety
     /// Every one of its `len` bytes has been written (by a read that completed in full).
     pub unsafe fn assume_filled(self) -> AlignedBuf {
-        let this = std::mem::ManuallyDrop::new(self);
-        AlignedBuf {
-            ptr: this.ptr,
-            len: this.len,
-        }
-    }
-}
-
-impl Drop for UnfilledBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this same layout (an `AlignedBuf`'s).
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) }
+        self.0
     }
 }
 
