@@ -34,19 +34,44 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 ) -> Result<(), FrameError> {
     let mut batch = Vec::new();
     let mut heads = BytesMut::new();
-    while let Some(f) = rx.recv().await {
-        let mut bytes = f.payload.len();
-        batch.push(f);
-        after_tasks_ready_together().await;
-        while batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
-            let Ok(f) = rx.try_recv() else { break };
-            bytes += f.payload.len();
-            batch.push(f);
-        }
+    while next_batch(
+        &mut rx,
+        &mut batch,
+        BATCH_FRAMES,
+        |f| f.payload.len(),
+        BATCH_BYTES,
+    )
+    .await
+    {
         write_batch(&mut w, &batch, &mut heads).await?;
         batch.clear();
     }
     Ok(())
+}
+
+/// Waits for the next item of `rx` and puts it in `batch`; then, once the tasks the same event
+/// made ready have queued theirs ([`after_tasks_ready_together`]), takes what is queued while
+/// the batch holds fewer than `max_items` and weighs (the sum of `weight`) less than
+/// `max_weight`. Returns false, with `batch` untouched, once every sender is gone.
+pub async fn next_batch<T>(
+    rx: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max_items: usize,
+    weight: impl Fn(&T) -> usize,
+    max_weight: usize,
+) -> bool {
+    let Some(first) = rx.recv().await else {
+        return false;
+    };
+    let mut weighs = weight(&first);
+    batch.push(first);
+    after_tasks_ready_together().await;
+    while batch.len() < max_items && weighs < max_weight {
+        let Ok(t) = rx.try_recv() else { break };
+        weighs += weight(&t);
+        batch.push(t);
+    }
+    true
 }
 
 /// Writes `batch` whole: the frames' prefixes and headers gathered in `heads`, each payload
@@ -257,6 +282,29 @@ mod tests {
 
     /// A socket taking a few bytes at a time still gets every frame whole and in order; a
     /// batch stops at its size limits and the rest follows.
+    /// A batch takes what is queued until it holds `max_items`, or weighs `max_weight` or more;
+    /// the rest waits for the next; a closed, empty channel ends it.
+    #[tokio::test]
+    async fn a_batch_stops_at_its_limits() {
+        let (tx, mut rx) = mpsc::channel::<usize>(16);
+        for w in [3, 3, 3, 3, 3] {
+            tx.send(w).await.unwrap();
+        }
+        let mut batch = Vec::new();
+        assert!(next_batch(&mut rx, &mut batch, 10, |w| *w, 7).await);
+        assert_eq!(batch, [3, 3, 3], "stops once it weighs 7 or more");
+        batch.clear();
+        assert!(next_batch(&mut rx, &mut batch, 1, |w| *w, 100).await);
+        assert_eq!(batch, [3], "stops at its item limit");
+        batch.clear();
+        drop(tx);
+        assert!(next_batch(&mut rx, &mut batch, 10, |w| *w, 100).await);
+        assert_eq!(batch, [3], "what was queued before the close");
+        batch.clear();
+        assert!(!next_batch(&mut rx, &mut batch, 10, |w| *w, 100).await);
+        assert!(batch.is_empty());
+    }
+
     #[tokio::test]
     async fn short_writes_and_large_batches() {
         let n = 3 * BATCH_FRAMES as u32;

@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::proto::*;
+use crate::data::writer::next_batch;
 use crate::meta::MetaClient;
 use crate::volume::{AttachOptions, VolumeClient, VolumeError};
 
@@ -409,18 +410,13 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        let mut batch = Vec::new();
-        while let Some(parts) = rx.recv().await {
-            batch.extend(parts);
-            // Let the other requests the same event finished queue their replies first, then
-            // write them all: one send for the batch (at most 512 buffers: within IOV_MAX).
-            crate::data::writer::after_tasks_ready_together().await;
-            while batch.len() < REPLY_BATCH {
-                let Ok(parts) = rx.try_recv() else { break };
-                batch.extend(parts);
-            }
+        let mut batch: Vec<Vec<Bytes>> = Vec::new();
+        // The replies the other requests the same event finished queue go with it: one send
+        // for the batch (at most 512 buffers and a reply's: within IOV_MAX).
+        while next_batch(&mut rx, &mut batch, usize::MAX, Vec::len, REPLY_BATCH).await {
             let mut slices: Vec<_> = batch
                 .iter()
+                .flatten()
                 .filter(|p| !p.is_empty())
                 .map(|p| std::io::IoSlice::new(p))
                 .collect();
