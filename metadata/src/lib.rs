@@ -16,11 +16,12 @@
 //!   moves its memberships to disks on other hosts.
 //! - [`node`]: the raft loop thread (proposals, ReadIndex reads, `Ready` handling).
 //! - [`transport`]: member-to-member raft messages over gRPC.
-//!
-//! Every TCP connection a member accepts or makes has keepalive probes (30 s of silence, 3
-//! probes 10 s apart), as on the data path: a peer whose host died is dropped within a minute.
 //! - [`service`]: the `Metadata` gRPC API.
 //! - [`error`]: errors and their gRPC mapping; [`failpoints`]: failpoint names.
+//!
+//! Every TCP connection a member accepts or makes has keepalive probes
+//! ([`cairn_proto::keepalive`]: 30 s of silence, 3 probes 10 s apart), as on the data path: a
+//! peer whose host died is dropped within a minute.
 //!
 //! Contract (DESIGN.md §5.6): a change is acknowledged only once it is committed (persisted on a
 //! majority) and applied on the leader; reads are linearizable (ReadIndex). An acknowledged

@@ -181,7 +181,7 @@ impl DataClient {
             p.lock().expect("pending lock").take();
             w.close();
         });
-        tokio::spawn(watchdog(pending.clone(), watch.clone(), tx.downgrade()));
+        tokio::spawn(watchdog(pending.clone(), watch.clone()));
         Ok(Self {
             tx,
             pending,
@@ -274,14 +274,14 @@ impl Drop for DataClient {
 
 /// Fails the calls of one connection that are past their deadline, every [`WATCH_EVERY`]
 /// while any call with a limit waits, until the connection is gone (its reader stopped) or
-/// its client dropped.
-async fn watchdog(pending: Pending, watch: Arc<Watch>, alive: mpsc::WeakSender<Frame>) {
+/// its client dropped (either closes `watch`).
+async fn watchdog(pending: Pending, watch: Arc<Watch>) {
     let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
     loop {
         every.tick().await;
-        if alive.upgrade().is_none() || watch.closed.load(Ordering::Acquire) {
+        if watch.closed.load(Ordering::Acquire) {
             return;
         }
         let now = watch.ticks.fetch_add(1, Ordering::Relaxed) + 1;

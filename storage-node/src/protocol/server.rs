@@ -397,46 +397,48 @@ impl<E: ChunkEngine> DataServer<E> {
                 | Command::Discard { .. }
                 | Command::WriteZeroes { .. }
         );
+        // The answer's payload checksum, where the engine gave it (else computed below).
+        let mut known_crc = None;
         let result = match req.cmd {
             // The payload's checksum comes with it: for a lone block, the one it was just
             // checked against.
-            Command::Read { offset, len } => e
-                .read_checked(req.chunk, offset, len)
-                .await
-                .map(|(d, crc)| (None, d, Some(crc))),
+            Command::Read { offset, len } => {
+                e.read_checked(req.chunk, offset, len)
+                    .await
+                    .map(|(d, crc)| {
+                        known_crc = Some(crc);
+                        (None, d)
+                    })
+            }
             Command::Write { offset, data, crc } => e
                 .write_checked(req.chunk, offset, data, crc)
                 .await
-                .map(|()| (None, Bytes::new(), None)),
-            Command::Flush => e.flush().await.map(|()| (None, Bytes::new(), None)),
+                .map(|()| (None, Bytes::new())),
+            Command::Flush => e.flush().await.map(|()| (None, Bytes::new())),
             Command::Discard { offset, len } => e
                 .discard(req.chunk, offset, len)
                 .await
-                .map(|()| (None, Bytes::new(), None)),
+                .map(|()| (None, Bytes::new())),
             Command::WriteZeroes { offset, len } => e
                 .write_zeroes(req.chunk, offset, len)
                 .await
-                .map(|()| (None, Bytes::new(), None)),
-            Command::ChunkInfo => e.chunk_info(req.chunk).map(|i| {
-                (
-                    Some(i.map(|i| i.mapped).unwrap_or_default()),
-                    Bytes::new(),
-                    None,
-                )
-            }),
+                .map(|()| (None, Bytes::new())),
+            Command::ChunkInfo => e
+                .chunk_info(req.chunk)
+                .map(|i| (Some(i.map(|i| i.mapped).unwrap_or_default()), Bytes::new())),
             Command::BlockCrcs => e.chunk_info(req.chunk).map(|i| match i {
-                None => (Some(vec![]), Bytes::new(), None),
+                None => (Some(vec![]), Bytes::new()),
                 Some(i) => {
                     let crcs: Vec<u8> = i.crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
-                    (Some(i.mapped), Bytes::from(crcs), None)
+                    (Some(i.mapped), Bytes::from(crcs))
                 }
             }),
             Command::ChunkCopy => match e.chunk_info(req.chunk) {
-                Ok(None) => Ok((Some(vec![]), Bytes::new(), None)),
+                Ok(None) => Ok((Some(vec![]), Bytes::new())),
                 Ok(Some(info)) => e
                     .read(req.chunk, 0, CHUNK_SIZE)
                     .await
-                    .map(|d| (Some(info.mapped), d, None)),
+                    .map(|d| (Some(info.mapped), d)),
                 Err(err) => Err(err),
             },
             Command::Barrier
@@ -449,11 +451,11 @@ impl<E: ChunkEngine> DataServer<E> {
             self.latency.record(uuid, started.elapsed());
         }
         match result {
-            Ok((mapped, payload, crc)) => {
+            Ok((mapped, payload)) => {
                 let r = pb::Response {
                     request_id: id,
                     status: pb::Status::Ok as i32,
-                    payload_crc: match crc {
+                    payload_crc: match known_crc {
                         _ if payload.is_empty() => 0,
                         Some(c) => c,
                         None => crc32c::crc32c(&payload),
