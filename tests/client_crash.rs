@@ -1,5 +1,5 @@
-//! A client that dies in the middle of writes (the NBD gateway, SIGKILL, under fio at QD32)
-//! can leave a block different on the members of its group. The next attach — here the
+//! A client that dies in the middle of writes (the NBD gateway, run as a process of its own,
+//! SIGKILL, under fio at QD32) can leave a block different on the members of its group. The next attach — here the
 //! operator's `cairn debug read-replica --force` — fences the dead holder and reconciles the
 //! chunks in the members' activity records before any I/O: afterwards every replica is
 //! identical, and reads through a restarted gateway return the same bytes.
@@ -62,7 +62,8 @@ fn differing_blocks(copies: &[Vec<u8>]) -> usize {
 
 #[test]
 fn a_gateway_killed_mid_write_leaves_no_replica_different_after_the_next_attach() {
-    let c = UpCluster::start();
+    // The gateway alone dies: it runs apart from the storage nodes.
+    let c = UpCluster::start_with(&["--gateway", "separate"]);
     c.cairn(&["volume", "create", "cc", "--size", "64M"]);
     let list: serde_json::Value =
         serde_json::from_slice(&c.cairn(&["volume", "list", "--json"]).stdout).unwrap();

@@ -193,6 +193,15 @@ pub struct NodeRunArgs {
     /// Most MB a second the scrub reads; 0: unlimited.
     #[arg(long, default_value_t = 50)]
     pub scrub_mb_per_s: u64,
+    /// Also serve every volume over NBD from this process, on this TCP address: the host's
+    /// gateway inside its storage node, which reaches the node by function calls instead of a
+    /// socket (as `cairn nbd serve --host` with this node's host name otherwise).
+    #[arg(long)]
+    pub nbd_listen: Option<std::net::SocketAddr>,
+    /// Also serve NBD from this process on this Unix socket (created; an old one at the path
+    /// is replaced).
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
     #[command(flatten)]
     pub io: IoThreads,
 }
@@ -220,6 +229,11 @@ pub struct UpArgs {
     /// `<data-dir>/nbd.sock`).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: std::net::SocketAddr,
+    /// Where the NBD gateway runs (a new cluster only): inside storage node 1, which then
+    /// reaches its own replica by function calls (`in-node`), or as a process of its own,
+    /// `cairn nbd serve` (`separate`).
+    #[arg(long, value_enum, default_value_t = Gateway::InNode)]
+    pub gateway: Gateway,
     /// Passed to the metadata members (a new cluster only): how long a silent storage node
     /// has before its data is re-replicated, in milliseconds.
     #[arg(long)]
@@ -228,6 +242,15 @@ pub struct UpArgs {
     /// `--node-arg=--scrub-every-s=3600`; repeatable.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
+}
+
+/// Where `cairn up` runs the NBD gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Gateway {
+    /// Inside storage node 1 (`cairn node run --nbd-listen`): the hyperconverged layout.
+    InNode,
+    /// A process of its own (`cairn nbd serve --host node-1`).
+    Separate,
 }
 
 #[derive(Debug, Args)]

@@ -146,11 +146,57 @@ async fn node_run(a: NodeRunArgs, meta: &[String]) -> anyhow::Result<()> {
             recheck: std::time::Duration::from_secs(1),
         },
     };
+    let gateway = a.nbd_listen.is_some() || a.nbd_socket.is_some();
+    anyhow::ensure!(
+        !gateway || !cfg.meta.is_empty(),
+        "--nbd-listen and --nbd-socket need the metadata service (--meta ADDR or CAIRN_META): \
+         the gateway attaches volumes through it"
+    );
+    let host = cfg.host.clone();
+    let meta = cfg.meta.clone();
     // Failpoints from FAILPOINTS (builds with the `failpoints` feature; tests only).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let node = cairn_storage_node::Node::start(cfg).await?;
+    let mut node = cairn_storage_node::Node::start(cfg).await?;
+    let gateway = if gateway {
+        // NBD clients are let in once the node serves: until it has heard from the metadata
+        // service, every request the gateway sent to it would be refused, and a write would
+        // count it as a failed member.
+        let ready = async {
+            while !node.server.ready.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = ready => {}
+            _ = shutdown_signal() => {
+                node.shutdown().await;
+                return Ok(());
+            }
+        }
+        // The gateway's requests to this node are function calls on this runtime.
+        let started = async {
+            node.serve_in_process()?;
+            crate::gateway::NbdGateway::start(a.nbd_listen, a.nbd_socket.as_deref(), &meta, &host)
+                .await
+        }
+        .await;
+        match started {
+            Ok(g) => Some(g),
+            Err(e) => {
+                node.shutdown().await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     shutdown_signal().await;
+    // The gateway first: it detaches its volumes (their leases go back to the metadata
+    // service) while this node still answers its clients' last requests.
+    if let Some(g) = gateway {
+        g.stop().await;
+    }
     node.shutdown().await;
     Ok(())
 }

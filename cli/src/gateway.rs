@@ -2,6 +2,9 @@
 //! library's frontends as commands.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use cairn_client::nbd::NbdServer;
@@ -13,52 +16,84 @@ fn this_host() -> anyhow::Result<String> {
     Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
 }
 
+/// An NBD server listening on a TCP address and/or a Unix socket: `cairn nbd serve`'s, or the
+/// one a storage node runs for its host (`cairn node run --nbd-listen`).
+pub struct NbdGateway {
+    server: Arc<NbdServer>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    socket: Option<PathBuf>,
+}
+
+impl NbdGateway {
+    /// Listens, and serves every volume as an export attached as this host's holder.
+    pub async fn start(
+        listen: Option<SocketAddr>,
+        socket: Option<&Path>,
+        meta: &[String],
+        host: &str,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            listen.is_some() || socket.is_some(),
+            "nothing to listen on: give --listen IP:PORT and/or --socket PATH"
+        );
+        let holder = format!(
+            "nbd:{host}:{}",
+            listen
+                .map(|l| l.to_string())
+                .or_else(|| socket.map(|p| p.display().to_string()))
+                .unwrap_or_default()
+        );
+        let server = NbdServer::new(meta, &holder, host)?;
+        let mut tasks = Vec::new();
+        if let Some(addr) = listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?;
+            tracing::info!(%addr, "serving NBD");
+            tasks.push(tokio::spawn(server.clone().serve_tcp(l)));
+        }
+        if let Some(path) = socket {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("removing old {}", path.display()))
+                }
+            }
+            let l = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("listening on {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "serving NBD");
+            tasks.push(tokio::spawn(server.clone().serve_unix(l)));
+        }
+        Ok(Self {
+            server,
+            tasks,
+            socket: socket.map(Path::to_path_buf),
+        })
+    }
+
+    /// Stops listening and gives back every lease held.
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.server.shutdown().await;
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Serves NBD on the given TCP address and/or unix socket until SIGINT/SIGTERM, then gives
 /// back every lease it holds.
 pub async fn nbd_serve(a: NbdServeArgs, meta: &[String]) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        a.listen.is_some() || a.socket.is_some(),
-        "nothing to listen on: give --listen IP:PORT and/or --socket PATH"
-    );
     let host = match a.host {
         Some(h) => h,
         None => this_host()?,
     };
-    let holder = format!(
-        "nbd:{host}:{}",
-        a.listen
-            .map(|l| l.to_string())
-            .or_else(|| a.socket.as_ref().map(|p| p.display().to_string()))
-            .unwrap_or_default()
-    );
-    let server = NbdServer::new(meta, &holder, &host)?;
-    let mut tasks = Vec::new();
-    if let Some(addr) = a.listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
-        tracing::info!(%addr, "serving NBD");
-        tasks.push(tokio::spawn(server.clone().serve_tcp(l)));
-    }
-    if let Some(path) = &a.socket {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing old {}", path.display())),
-        }
-        let l = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("listening on {}", path.display()))?;
-        tracing::info!(socket = %path.display(), "serving NBD");
-        tasks.push(tokio::spawn(server.clone().serve_unix(l)));
-    }
+    let gateway = NbdGateway::start(a.listen, a.socket.as_deref(), meta, &host).await?;
     crate::commands::shutdown_signal().await;
-    for t in &tasks {
-        t.abort();
-    }
-    server.shutdown().await;
-    if let Some(path) = &a.socket {
-        let _ = std::fs::remove_file(path);
-    }
+    gateway.stop().await;
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //!
 //! - [`args`]: the clap definitions of every command.
 //! - [`commands`]: volume, status and member commands (thin calls to `cairn_client`).
-//! - [`gateway`]: `cairn nbd serve` and `cairn debug read-replica`, on `cairn_client`.
+//! - [`gateway`]: `cairn nbd serve` (its [`gateway::NbdGateway`] also runs inside a storage
+//!   node: `cairn node run --nbd-listen`), `cairn vhost serve` and `cairn debug read-replica`,
+//!   on `cairn_client`.
 //! - [`up`]: `cairn up`, the local cluster supervisor, and `cluster.json`.
 //! - [`mod@bench`]: `cairn bench VOLUME`, fio-like jobs through the client library.
 //! - [`output`]: aligned tables and `--json`.

@@ -1,7 +1,8 @@
 //! `cairn up`: a local cluster as separate processes under one data directory.
 //!
 //! It starts the metadata member(s), the storage nodes and an NBD gateway (TCP and a unix
-//! socket in the data directory),
+//! socket in the data directory) — inside storage node 1, or with `--gateway separate` as a
+//! process of its own —
 //! writes `<data-dir>/cluster.json` listing each process with the exact command that restarts
 //! it, stays in the foreground, and stops everything cleanly on Ctrl-C or SIGTERM. Run again on
 //! the same data directory, it brings back the same cluster, ports and data.
@@ -17,7 +18,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
-use crate::args::UpArgs;
+use crate::args::{Gateway, UpArgs};
 
 /// One process of the local cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,6 +55,19 @@ impl ClusterFile {
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
+    }
+
+    /// Where the cluster's NBD gateway listens on TCP: the gateway process's address, or the
+    /// `--nbd-listen` of the storage node that runs it.
+    pub fn nbd_addr(&self) -> Option<String> {
+        self.processes.iter().find_map(|p| match p.role.as_str() {
+            "nbd" => Some(p.addr.clone()),
+            _ => p
+                .command
+                .iter()
+                .position(|c| c == "--nbd-listen")
+                .and_then(|i| p.command.get(i + 1).cloned()),
+        })
     }
 
     pub fn meta_addrs(&self) -> Vec<String> {
@@ -119,8 +133,9 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
             );
         }
         // Same processes, same ports, same data (and a gateway, if the cluster predates it).
+        let gateway = old.nbd_addr().is_some();
         let mut processes = old.processes;
-        if !processes.iter().any(|p| p.role == "nbd") {
+        if !gateway {
             let metas = old_meta_addrs(&processes);
             processes.push(nbd_entry(a, data_dir, exe, &metas));
         }
@@ -180,6 +195,7 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
         .map(|(_, a)| a.as_str())
         .collect::<Vec<_>>()
         .join(",");
+    let in_node = a.gateway == Gateway::InNode;
     for i in 1..=a.nodes.unwrap_or(3) {
         let port = u64::from(a.base_port) + 10 + i;
         anyhow::ensure!(
@@ -211,12 +227,27 @@ fn plan(a: &UpArgs, data_dir: &Path, exe: &Path) -> anyhow::Result<ClusterFile> 
                 format!("node-{i}"),
             ]
             .into_iter()
+            .chain(
+                (in_node && i == 1)
+                    .then(|| {
+                        [
+                            "--nbd-listen".into(),
+                            a.nbd_listen.to_string(),
+                            "--nbd-socket".into(),
+                            data_dir.join("nbd.sock").display().to_string(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .chain(a.node_args.iter().cloned())
             .collect(),
             log: data_dir.join("logs").join(format!("node-{i}.log")),
         });
     }
-    processes.push(nbd_entry(a, data_dir, exe, &metas));
+    if !in_node {
+        processes.push(nbd_entry(a, data_dir, exe, &metas));
+    }
     Ok(ClusterFile {
         data_dir: data_dir.to_owned(),
         processes,
@@ -302,10 +333,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 s.leader_id,
                 s.nodes.iter().filter(|n| n.up).count()
             );
-            if let Some(n) = file.processes.iter().find(|p| p.role == "nbd") {
+            if let Some(addr) = file.nbd_addr() {
                 println!(
-                    "  nbd:     nbd://{}/<volume>  and  nbd+unix:///<volume>?socket={}",
-                    n.addr,
+                    "  nbd:     nbd://{addr}/<volume>  and  nbd+unix:///<volume>?socket={}",
                     data_dir.join("nbd.sock").display()
                 );
             }
@@ -353,8 +383,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the metadata service answers and `nodes` storage nodes have registered and
-/// are up. Fails at once if one of the processes exits meanwhile (a port already taken, a
+/// Waits until the metadata service answers, `nodes` storage nodes have registered and are
+/// up, and the NBD gateway accepts connections. Fails at once if one of the processes exits meanwhile (a port already taken, a
 /// bad disk path), and after 60 s if the nodes still are not all up: "cairn is up" is only
 /// ever printed for the whole cluster.
 async fn wait_ready(
@@ -379,11 +409,21 @@ async fn wait_ready(
             .call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
             .await?;
         let up = s.nodes.iter().filter(|n| n.up).count();
-        if up >= nodes && serving(&s).await {
+        // The gateway too: one inside a storage node listens once that node serves.
+        let gateway = match file.nbd_addr() {
+            Some(addr) => tokio::net::TcpStream::connect(addr).await.is_ok(),
+            None => true,
+        };
+        let serves = up >= nodes && serving(&s).await;
+        if serves && gateway {
             return Ok(s);
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("only {up} of {nodes} storage nodes registered within 60 s");
+            match (up >= nodes, serves) {
+                (false, _) => bail!("only {up} of {nodes} storage nodes registered within 60 s"),
+                (true, false) => bail!("the storage nodes did not serve requests within 60 s"),
+                (true, true) => bail!("the NBD gateway did not accept connections within 60 s"),
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

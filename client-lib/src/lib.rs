@@ -4,7 +4,8 @@
 //!   leader, retrying through elections, so callers see one logical service.
 //! - [`data`]: the data protocol's frame codec, the connection writer (frames batched, payloads
 //!   sent without a copy) and a pipelined client for storage nodes, over TCP or, to a node on
-//!   this host, a Unix socket; the setup of every long-lived TCP connection (no Nagle delay,
+//!   this host, a Unix socket, or to a node of this very process by direct calls
+//!   ([`data::inproc`]); the setup of every long-lived TCP connection (no Nagle delay,
 //!   keepalive probes).
 //!
 //! - [`volume`]: [`VolumeClient`], one attached volume: the lease and its generation (fencing

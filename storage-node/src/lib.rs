@@ -19,8 +19,9 @@
 //! neither is reported as torn, never returned and never reported as corruption.
 //!
 //! - [`engine::fault`]: a fault-injecting wrapper for tests (EIO, ENOSPC, torn writes, latency).
-//! - [`protocol`]: the data protocol server (on TCP, and on a Unix socket for clients on this
-//!   host) and its request validation (the frame codec, the writer, the Unix transport and the
+//! - [`protocol`]: the data protocol server (on TCP, on a Unix socket for clients on this
+//!   host, and by direct calls for clients in this very process: frontends run inside the
+//!   node, [`protocol::server::InProcess`]) and its request validation (the frame codec, the writer, the Unix transport and the
 //!   client are in `cairn_client::data`).
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
 //! - [`marks`]: keys made durable in RocksDB once, before the first operation needing them,
@@ -33,7 +34,8 @@
 //! - [`scrub`]: the background scrub — every block checked against its CRC, every replica's
 //!   CRCs compared, a bad copy sent to the resync to be repaired, and reported.
 //!
-//! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats.
+//! - [`node`]: the daemon behind `cairn node run` — disks, server, registration, heartbeats;
+//!   [`Node::serve_in_process`] opens it to the frontends of its own process.
 //!
 //! Fuzz targets for the frame decoder, request validation, the superblock and log batch
 //! decoders are in

@@ -17,7 +17,7 @@ use crate::activity::Activity;
 use crate::engine::disk::DiskEngine;
 use crate::engine::{ChunkEngine, CHUNK_SIZE};
 use crate::fence::Fence;
-use crate::protocol::server::{DataServer, ServerStats};
+use crate::protocol::server::{DataServer, InProcess, ServerStats};
 use crate::resync::{resync_loop, Dirty, Gates, Syncing};
 use crate::scrub::{scrub_loop, ScrubConfig};
 
@@ -76,8 +76,13 @@ pub struct NodeConfig {
 
 pub struct Node {
     pub addr: SocketAddr,
+    /// The address clients dial.
+    pub advertise: String,
     pub server: Arc<DataServer<DiskEngine>>,
     pub node_uuid: String,
+    /// Set once clients of this process may call the node directly
+    /// ([`Node::serve_in_process`]).
+    in_process: Option<cairn_client::data::inproc::Registration>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -160,6 +165,7 @@ impl Node {
         let mut tasks = vec![tokio::spawn(server.clone().serve(listener, local, async {
             let _ = rx.await;
         }))];
+        let advertised = advertise.clone();
         if cfg.meta.is_empty() {
             tracing::warn!("no metadata service given: running standalone, unregistered");
         } else {
@@ -191,14 +197,28 @@ impl Node {
         tracing::info!(%addr, uuid = %node_uuid, "storage node serving");
         Ok(Self {
             addr,
+            advertise: advertised,
             server,
             node_uuid,
+            in_process: None,
             shutdown: Some(tx),
             tasks,
         })
     }
 
+    /// Lets clients of this process (frontends running inside the node) call it directly
+    /// instead of over a socket ([`cairn_client::data::inproc`]). Their calls run on the
+    /// current runtime, which must be the one the node was started on: its disks' rings take
+    /// submissions from that runtime's threads only.
+    pub fn serve_in_process(&mut self) -> anyhow::Result<()> {
+        let node = Arc::new(InProcess(self.server.clone()));
+        self.in_process = Some(cairn_client::data::inproc::register(&self.advertise, node)?);
+        Ok(())
+    }
+
     pub async fn shutdown(mut self) {
+        // In-process clients first: from here on their calls fail as on a closed connection.
+        self.in_process.take();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -1,18 +1,20 @@
 //! The data-protocol server on 127.0.0.1 over the io_uring disk engine: round trips,
-//! pipelining, fencing, corruption reporting, and malformed input.
+//! pipelining, fencing, corruption reporting, and malformed input; over TCP, the Unix socket
+//! for this host, and in-process calls from the node's own process.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use cairn_client::data::client::{ClientError, DataClient};
+use cairn_client::data::inproc::{self, RegisterError, Registration};
 use cairn_proto::data as pb;
 use cairn_storage_node::activity::Activity;
 use cairn_storage_node::engine::disk::DiskEngine;
 use cairn_storage_node::engine::{ChunkEngine, ChunkId, CHUNK_SIZE};
 use cairn_storage_node::fence::Fence;
-use cairn_storage_node::protocol::server::{DataServer, ServerStats};
+use cairn_storage_node::protocol::server::{DataServer, InProcess, ServerStats};
 use cairn_storage_node::resync::{Dirty, Gates, Syncing};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -97,7 +99,7 @@ async fn round_trip_and_pipelining_over_the_local_socket() {
         c.local,
         "a node on this host is reached over its Unix socket"
     );
-    round_trip_and_pipelining(&n, c).await;
+    round_trip_and_pipelining(&n, Arc::new(c)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +107,131 @@ async fn round_trip_and_pipelining_over_tcp() {
     let n = node().await;
     let c = DataClient::connect_tcp(&n.addr).await.unwrap();
     assert!(!c.local);
-    round_trip_and_pipelining(&n, c).await;
+    round_trip_and_pipelining(&n, Arc::new(c)).await;
+}
+
+/// Registers the node for clients of this process, under its address.
+fn in_process(n: &Node) -> Registration {
+    inproc::register(&n.addr, Arc::new(InProcess(n.server.clone()))).unwrap()
+}
+
+/// A client in the node's own process calls it directly: every op, pipelining, the answers
+/// to bad requests and fencing are as over a socket, and each call is counted as a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_bad_requests_and_fencing_in_process() {
+    let n = node().await;
+    let _registered = in_process(&n);
+    let again = inproc::register(&n.addr, Arc::new(InProcess(n.server.clone())));
+    assert!(
+        matches!(again, Err(RegisterError::Taken(_))),
+        "one node per address"
+    );
+    let c = Arc::new(DataClient::connect(&n.addr).await.unwrap());
+    assert!(
+        c.in_process && !c.local,
+        "called in-process, not over a socket"
+    );
+    let requests = || n.server.stats.requests.load(Ordering::Relaxed);
+    bad_requests_are_answered(&c).await;
+    assert_eq!(requests(), 5);
+    assert_eq!(n.server.stats.refused.load(Ordering::Relaxed), 5);
+    round_trip_and_pipelining(&n, c.clone()).await;
+    fencing(&n, &c).await;
+    assert!(requests() > 5 + 64);
+}
+
+/// A node's registration dropped (the node stopping): its in-process clients' calls fail as
+/// on a closed connection, and a new client reaches it over its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_node_is_reached_over_its_socket() {
+    let n = node().await;
+    let registered = in_process(&n);
+    let c = DataClient::connect(&n.addr).await.unwrap();
+    assert!(c.in_process);
+    assert_served(&c).await;
+    drop(registered);
+    assert!(matches!(
+        c.call(req(pb::Op::Flush, 0, 0, 0, 1), Bytes::new()).await,
+        Err(ClientError::Closed)
+    ));
+    let c = DataClient::connect(&n.addr).await.unwrap();
+    assert!(!c.in_process && c.local);
+    assert_served(&c).await;
+}
+
+/// In-process calls run on the node's runtime, whichever runtime the caller is on: a node on
+/// the daemons' current-thread runtime, whose io_uring ring takes submissions from that
+/// thread only (SINGLE_ISSUER), serves 32 concurrent writes, then their reads, made from the
+/// worker threads of another runtime. Run on the caller's threads instead, the reads'
+/// submissions are refused by the kernel and, with the ring's backstop set to an hour, never
+/// complete: the 60 s bound fails the test.
+#[cfg(feature = "failpoints")]
+#[test]
+fn in_process_calls_run_on_the_nodes_runtime() {
+    fail::cfg("uring-backstop-hour", "return").unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let node_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let n = node().await;
+            let disk = n.server.disk(&n.server.node_uuid).unwrap();
+            assert!(disk.uses_uring(), "io_uring is what this test is about");
+            let _registered = in_process(&n);
+            addr_tx.send(n.addr.clone()).unwrap();
+            let _ = stop_rx.await;
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let at = |i: u64| (i % 4, (i / 4) * 4096);
+    let all = async {
+        let c = Arc::new(DataClient::connect(&addr).await.unwrap());
+        assert!(c.in_process);
+        let each = |read: bool| {
+            let c = c.clone();
+            (0..32u64).map(move |i| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let (chunk, offset) = at(i);
+                    let (r, p) = match read {
+                        false => {
+                            let d = Bytes::from(vec![i as u8 + 1; 4096]);
+                            c.call(req(pb::Op::Write, chunk, offset, 4096, 1), d).await
+                        }
+                        true => {
+                            let r = req(pb::Op::Read, chunk, offset, 4096, 1);
+                            c.call(r, Bytes::new()).await
+                        }
+                    }
+                    .unwrap();
+                    assert_eq!(status(&r), pb::Status::Ok, "{r:?}");
+                    assert!(!read || p.iter().all(|&b| b == i as u8 + 1), "write {i}");
+                })
+            })
+        };
+        for t in each(false).collect::<Vec<_>>() {
+            t.await.unwrap();
+        }
+        for t in each(true).collect::<Vec<_>>() {
+            t.await.unwrap();
+        }
+    };
+    rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .expect("in-process reads never completed")
+    });
+    fail::remove("uring-backstop-hour");
+    stop_tx.send(()).unwrap();
+    node_thread.join().unwrap();
 }
 
 /// Without the node's Unix socket (a node elsewhere, or one that could not bind it), a client
@@ -186,8 +312,7 @@ async fn a_local_socket_of_another_user_is_not_used() {
     assert_served(&c).await;
 }
 
-async fn round_trip_and_pipelining(n: &Node, c: DataClient) {
-    let c = Arc::new(c);
+async fn round_trip_and_pipelining(n: &Node, c: Arc<DataClient>) {
     assert_eq!(c.node_uuid, n.server.node_uuid);
     let data = Bytes::from(vec![0xC4u8; 8192]);
     let (r, _) = c
@@ -255,6 +380,10 @@ async fn round_trip_and_pipelining(n: &Node, c: DataClient) {
 async fn fencing_by_generation_and_epoch() {
     let n = node().await;
     let c = DataClient::connect(&n.addr).await.unwrap();
+    fencing(&n, &c).await;
+}
+
+async fn fencing(n: &Node, c: &DataClient) {
     let w = |generation, epoch| {
         let mut r = req(pb::Op::Write, 0, 0, 4096, generation);
         r.epoch = epoch;
@@ -376,39 +505,7 @@ async fn malformed_input() {
     let n = node().await;
     let bystander = DataClient::connect(&n.addr).await.unwrap();
     let c = DataClient::connect(&n.addr).await.unwrap();
-    for (r, p, want) in [
-        (
-            req(pb::Op::Read, 0, 100, 4096, 1),
-            Bytes::new(),
-            pb::Status::Invalid,
-        ),
-        (
-            req(pb::Op::Read, 0, CHUNK_SIZE - 4096, 8192, 1),
-            Bytes::new(),
-            pb::Status::Invalid,
-        ),
-        (
-            req(pb::Op::Write, 0, 0, 4096, 1),
-            Bytes::from(vec![0u8; 100]),
-            pb::Status::Invalid,
-        ),
-        (
-            pb::Request {
-                op: 42,
-                ..req(pb::Op::Read, 0, 0, 4096, 1)
-            },
-            Bytes::new(),
-            pb::Status::Unsupported,
-        ),
-        (
-            req(pb::Op::Unspecified, 0, 0, 4096, 1),
-            Bytes::new(),
-            pb::Status::Unsupported,
-        ),
-    ] {
-        let (resp, _) = c.call(r, p).await.unwrap();
-        assert_eq!(status(&resp), want, "{resp:?}");
-    }
+    bad_requests_are_answered(&c).await;
     // An undecodable header: no id to answer, so the connection closes.
     c.send_raw(Bytes::from_static(b"\xff\xff\xff\xff"), Bytes::new())
         .await
@@ -464,4 +561,41 @@ async fn malformed_input() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 3
     );
+}
+
+/// Requests that decode but are wrong get their error answered, and the client goes on.
+async fn bad_requests_are_answered(c: &DataClient) {
+    for (r, p, want) in [
+        (
+            req(pb::Op::Read, 0, 100, 4096, 1),
+            Bytes::new(),
+            pb::Status::Invalid,
+        ),
+        (
+            req(pb::Op::Read, 0, CHUNK_SIZE - 4096, 8192, 1),
+            Bytes::new(),
+            pb::Status::Invalid,
+        ),
+        (
+            req(pb::Op::Write, 0, 0, 4096, 1),
+            Bytes::from(vec![0u8; 100]),
+            pb::Status::Invalid,
+        ),
+        (
+            pb::Request {
+                op: 42,
+                ..req(pb::Op::Read, 0, 0, 4096, 1)
+            },
+            Bytes::new(),
+            pb::Status::Unsupported,
+        ),
+        (
+            req(pb::Op::Unspecified, 0, 0, 4096, 1),
+            Bytes::new(),
+            pb::Status::Unsupported,
+        ),
+    ] {
+        let (resp, _) = c.call(r, p).await.unwrap();
+        assert_eq!(status(&resp), want, "{resp:?}");
+    }
 }

@@ -327,7 +327,8 @@ pub fn up_base_port(attempt: u64) -> u16 {
 }
 
 /// A whole local cluster as users run it: `cairn up` (1 metadata member, 3 storage nodes,
-/// the NBD gateway) on free ports in a temp dir. Stopped with SIGTERM on drop.
+/// the NBD gateway, by default inside node 1) on free ports in a temp dir. Stopped with
+/// SIGTERM on drop.
 pub struct UpCluster {
     pub tmp: tempfile::TempDir,
     pub up: Child,
@@ -599,9 +600,26 @@ impl UpCluster {
         )
     }
 
-    /// Starts the NBD gateway again (after a kill) and waits until it accepts connections.
+    /// The process serving NBD, as (role, id): the gateway process (`--gateway separate`),
+    /// else storage node 1, which runs it (`cairn up`'s default).
+    pub fn gateway(&self) -> (&'static str, u64) {
+        let processes = self.cluster_file()["processes"].clone();
+        match processes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["role"] == "nbd")
+        {
+            true => ("nbd", 1),
+            false => ("node", 1),
+        }
+    }
+
+    /// Starts the NBD gateway again (after a kill: with the default layout, storage node 1
+    /// with it) and waits until it accepts connections.
     pub fn respawn_gateway(&self) -> KillOnDrop {
-        let gateway = self.respawn("nbd", 1, &[]);
+        let (role, id) = self.gateway();
+        let gateway = self.respawn(role, id, &[]);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&self.nbd).is_err() {
             assert!(Instant::now() < deadline, "gateway did not come back");

@@ -1,6 +1,10 @@
 //! A pipelined data-protocol client: many requests in flight on one connection, each answered
 //! through its own channel. Used by tests now and by the client library's `VolumeClient`.
 //!
+//! A node registered in this very process ([`super::inproc`]) is called directly instead: each
+//! request is spawned on the node's runtime and answered through the same channel, with the
+//! same time limits, as if it had come back over a connection.
+//!
 //! A call may be given a time limit ([`DataClient::call_within`]). The limits are kept by one
 //! watchdog task per connection, which counts ticks of [`WATCH_EVERY`] and fails each call
 //! whose limit has passed, instead of a timer armed and cancelled for every call: that was a
@@ -24,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::frame::{Frame, FrameCodec};
+use super::inproc::{self, Answer as NodeAnswer, Found};
 use super::{HELLO_MAGIC, PROTOCOL_VERSION};
 
 /// Whether the process behind a local socket runs as root or as this process's user. Abstract
@@ -78,14 +83,24 @@ impl Watch {
     }
 }
 
+/// How requests reach the node.
+enum Via {
+    /// Frames to a connection's writer task; the reader task answers them.
+    Socket(mpsc::Sender<Frame>),
+    /// A node of this process: each request runs as a task on its runtime.
+    InProcess(Found),
+}
+
 pub struct DataClient {
-    tx: mpsc::Sender<Frame>,
+    via: Via,
     pending: Pending,
     watch: Arc<Watch>,
     next_id: AtomicU64,
     pub node_uuid: String,
     /// Connected over the node's Unix socket (same host), not TCP.
     pub local: bool,
+    /// The node runs in this process and is called directly ([`super::inproc`]).
+    pub in_process: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,9 +118,13 @@ pub enum ClientError {
 }
 
 impl DataClient {
-    /// Connects to the node advertising `addr`: over its Unix socket if it runs on this host
-    /// (see [`super::local_socket_name`]), else over TCP.
+    /// Connects to the node advertising `addr`: directly if it runs in this process (see
+    /// [`super::inproc`]), over its Unix socket if it runs on this host (see
+    /// [`super::local_socket_name`]), else over TCP.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        if let Some(found) = inproc::find(addr) {
+            return Self::in_process(found);
+        }
         match UnixStream::connect(super::local_socket_name(addr)).await {
             Ok(stream) if trusted(&stream) => {
                 let (r, w) = super::local::split(stream.into_std()?)?;
@@ -183,12 +202,36 @@ impl DataClient {
         });
         tokio::spawn(watchdog(pending.clone(), watch.clone()));
         Ok(Self {
-            tx,
+            via: Via::Socket(tx),
             pending,
             watch,
             next_id: AtomicU64::new(1),
             node_uuid: welcome.node_uuid,
             local,
+            in_process: false,
+        })
+    }
+
+    /// A client of a node of this process: no connection, no handshake (the node speaks this
+    /// build's protocol by construction).
+    fn in_process(found: Found) -> Result<Self, ClientError> {
+        let node_uuid = found
+            .node
+            .upgrade()
+            .ok_or(ClientError::Closed)?
+            .node_uuid()
+            .to_owned();
+        let pending: Pending = Arc::new(Mutex::new(Some(Calls::default())));
+        let watch = Arc::new(Watch::default());
+        tokio::spawn(watchdog(pending.clone(), watch.clone()));
+        Ok(Self {
+            via: Via::InProcess(found),
+            pending,
+            watch,
+            next_id: AtomicU64::new(1),
+            node_uuid,
+            local: false,
+            in_process: true,
         })
     }
 
@@ -249,20 +292,73 @@ impl DataClient {
         if wake {
             self.watch.wake.notify_one();
         }
-        let f = Frame {
-            header: Bytes::from(req.encode_to_vec()),
-            payload,
-        };
-        self.tx.send(f).await.map_err(|_| ClientError::Closed)?;
+        match &self.via {
+            Via::Socket(tx) => {
+                let f = Frame {
+                    header: Bytes::from(req.encode_to_vec()),
+                    payload,
+                };
+                tx.send(f).await.map_err(|_| ClientError::Closed)?;
+            }
+            Via::InProcess(found) => {
+                let reply = Reply {
+                    pending: self.pending.clone(),
+                    id: req.request_id,
+                };
+                // Unregistered (the node is stopping): the reply's drop fails the call.
+                let node = found.node.upgrade().ok_or(ClientError::Closed)?;
+                // Its own task, as a request off a connection is: the call may be given up
+                // (its limit passed, its caller dropped) while the write it started goes on,
+                // never cut off half-way.
+                let work = node.call(req.clone(), payload);
+                found.runtime.spawn(async move { reply.send(work.await) });
+            }
+        }
         rx.await.map_err(|_| ClientError::Closed)?
     }
 
     /// Sends raw frame bytes (tests of malformed input).
     pub async fn send_raw(&self, header: Bytes, payload: Bytes) -> Result<(), ClientError> {
-        self.tx
-            .send(Frame { header, payload })
-            .await
-            .map_err(|_| ClientError::Closed)
+        match &self.via {
+            Via::Socket(tx) => tx
+                .send(Frame { header, payload })
+                .await
+                .map_err(|_| ClientError::Closed),
+            Via::InProcess(_) => Err(ClientError::Protocol(
+                "an in-process node takes no raw frames".into(),
+            )),
+        }
+    }
+}
+
+/// Answers one in-process call. Dropped unanswered (its task dropped with the runtime that was
+/// to run it), it drops the call's sender, so the caller sees `Closed` instead of waiting.
+struct Reply {
+    pending: Pending,
+    id: u64,
+}
+
+impl Reply {
+    fn take(&self) -> Option<Waiting> {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .as_mut()
+            .and_then(|c| c.waiting.remove(&self.id))
+    }
+
+    fn send(self, answer: NodeAnswer) {
+        // Gone if the watchdog failed it first: the answer is dropped, as a late one off a
+        // connection is.
+        if let Some(w) = self.take() {
+            let _ = w.tx.send(Ok(answer));
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        self.take();
     }
 }
 

@@ -14,6 +14,8 @@
 //! - [`frame`]: the frame codec (pure, fuzzed; the storage node's server uses it too).
 //! - [`client`]: a pipelined client.
 //! - [`local`]: the Unix socket transport to a node on this host.
+//! - [`inproc`]: nodes of this very process, called without a socket (a node that also runs
+//!   the host's frontends).
 //! - [`writer`]: a connection's writer task, batching the frames ready together, and the
 //!   helpers that let ready tasks run first.
 //!
@@ -22,6 +24,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod inproc;
 pub mod local;
 pub mod writer;
 

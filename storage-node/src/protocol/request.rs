@@ -87,12 +87,19 @@ fn invalid(id: u64, message: impl Into<String>) -> Refusal {
 }
 
 impl Request {
+    /// Decodes a request header off the wire and validates it with its payload.
     pub fn parse(header: &[u8], payload: Bytes) -> Result<Self, Refusal> {
         let h = pb::Request::decode(header).map_err(|e| Refusal {
             id: None,
             status: pb::Status::Invalid,
             message: format!("undecodable request header: {e}"),
         })?;
+        Self::validate(h, payload)
+    }
+
+    /// Validates a decoded request header with its payload: what [`Request::parse`] does after
+    /// decoding, and all a client in this process needs (its requests are never encoded).
+    pub fn validate(h: pb::Request, payload: Bytes) -> Result<Self, Refusal> {
         let id = h.request_id;
         let op = pb::Op::try_from(h.op).map_err(|_| Refusal {
             id: Some(id),

@@ -4,7 +4,12 @@
 //! A bad request gets an error response and the connection goes on; a frame that cannot be
 //! decoded at all (no request id to answer) closes that connection only. Other connections
 //! and the node are never affected.
+//!
+//! Clients in the node's own process (frontends run inside the node) call it through
+//! [`InProcess`] instead: the same validation, fencing and execution, without a connection.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +29,7 @@ use crate::engine::{ChunkEngine, EngineError, CHUNK_SIZE};
 use crate::fence::{Fence, Fenced};
 use crate::resync::{mark_blocks, Dirty, Gates, Syncing};
 use cairn_client::data::frame::{Frame, FrameCodec};
+use cairn_client::data::inproc::{Answer, InProcessNode};
 use cairn_client::data::writer::write_frames;
 use cairn_client::data::{HELLO_MAGIC, PROTOCOL_VERSION};
 
@@ -277,6 +283,21 @@ impl<E: ChunkEngine> DataServer<E> {
         result
     }
 
+    /// Answers a request of a client in this process: validated as one off a connection would
+    /// be (its id is always known, so a refusal is always answered).
+    async fn answer(&self, h: pb::Request, payload: Bytes) -> Answer {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let id = h.request_id;
+        match Request::validate(h, payload) {
+            Ok(req) => self.execute(req).await,
+            Err(refusal) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                let r = response(refusal.id.unwrap_or(id), refusal.status, refusal.message);
+                (r, Bytes::new())
+            }
+        }
+    }
+
     async fn execute(&self, req: Request) -> (pb::Response, Bytes) {
         let id = req.id;
         let fail = |status, msg: String| (response(id, status, msg), Bytes::new());
@@ -479,5 +500,24 @@ impl<E: ChunkEngine> DataServer<E> {
                 (r, Bytes::new())
             }
         }
+    }
+}
+
+/// A node's server as clients of its own process reach it (registered with
+/// [`cairn_client::data::inproc::register`] under the address the node advertises).
+pub struct InProcess<E>(pub Arc<DataServer<E>>);
+
+impl<E: ChunkEngine> InProcessNode for InProcess<E> {
+    fn call(
+        &self,
+        req: pb::Request,
+        payload: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send>> {
+        let server = self.0.clone();
+        Box::pin(async move { server.answer(req, payload).await })
+    }
+
+    fn node_uuid(&self) -> &str {
+        &self.0.node_uuid
     }
 }
