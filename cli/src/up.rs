@@ -478,3 +478,63 @@ async fn stop(
     }
     file.save(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn up_args(extra: &[&str]) -> UpArgs {
+        let cli = Cli::parse_from(
+            ["cairn", "up", "--nbd-listen", "127.0.0.1:10999"]
+                .into_iter()
+                .chain(extra.iter().copied()),
+        );
+        match cli.command {
+            Command::Up(a) => a,
+            _ => unreachable!("parsed `cairn up`"),
+        }
+    }
+
+    /// By default storage node 1 runs the gateway (on the TCP address and the data directory's
+    /// socket) and there is no gateway process; `--gateway separate` gives it a process of its
+    /// own. Either way the cluster file says where NBD is served, and a cluster planned again
+    /// from its file keeps its layout (no second gateway).
+    #[test]
+    fn the_gateway_runs_in_node_1_unless_asked_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = Path::new("/usr/bin/cairn");
+        let serves_nbd = |p: &ProcessEntry| p.command.iter().any(|c| c == "--nbd-listen");
+
+        let f = plan(&up_args(&[]), dir.path(), exe).unwrap();
+        assert!(f.processes.iter().all(|p| p.role != "nbd"));
+        let gateways: Vec<(&str, u64)> = f
+            .processes
+            .iter()
+            .filter(|p| serves_nbd(p))
+            .map(|p| (p.role.as_str(), p.id))
+            .collect();
+        assert_eq!(gateways, [("node", 1)]);
+        let node1 = &f.processes.iter().find(|p| serves_nbd(p)).unwrap().command;
+        let sock = dir.path().join("nbd.sock").display().to_string();
+        assert!(node1
+            .windows(2)
+            .any(|w| w == ["--nbd-socket", sock.as_str()]));
+        assert_eq!(f.nbd_addr().as_deref(), Some("127.0.0.1:10999"));
+
+        f.save(&dir.path().join("cluster.json")).unwrap();
+        let again = plan(&up_args(&[]), dir.path(), exe).unwrap();
+        assert_eq!(
+            again.processes, f.processes,
+            "the same cluster, no second gateway"
+        );
+
+        let apart = tempfile::tempdir().unwrap();
+        let f = plan(&up_args(&["--gateway", "separate"]), apart.path(), exe).unwrap();
+        assert!(f.processes.iter().all(|p| !serves_nbd(p)));
+        assert_eq!(f.processes.iter().filter(|p| p.role == "nbd").count(), 1);
+        assert_eq!(f.nbd_addr().as_deref(), Some("127.0.0.1:10999"));
+    }
+}
