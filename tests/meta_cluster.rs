@@ -357,4 +357,29 @@ fn cli_errors_are_one_line() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--threads"), "{err}");
+    // A storage node asked to run the gateway without a metadata service to attach through.
+    let disk = tmp.path().join("d.img:64M");
+    let o = cairn(
+        &[
+            "node",
+            "run",
+            "--data-dir",
+            tmp.path().join("node").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--nbd-listen",
+            "127.0.0.1:1",
+        ],
+        tmp.path(),
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("need the metadata service"), "{err}");
+    assert!(
+        !tmp.path().join("d.img").exists(),
+        "nothing created for a refused command"
+    );
 }
