@@ -284,10 +284,30 @@ fn boot(kit: &Path, initrd: &Path, socket: &Path, mode: &str, mut on_cue: impl F
     let _ = qemu.wait();
     assert!(
         text.contains("CAIRN-DONE"),
-        "the guest did not finish:\n{text}"
+        "the guest did not finish:\n{text}\n{}",
+        backend_logs(socket)
     );
     assert!(!text.contains("CAIRN-FAIL"), "the guest failed:\n{text}");
     text
+}
+
+/// The last lines of every backend's log (kept beside the socket), for a failure's message:
+/// the cluster's directory is gone once the test has failed.
+fn backend_logs(socket: &Path) -> String {
+    let mut out = String::new();
+    let dir = socket
+        .parent()
+        .expect("the socket is in the cluster's directory");
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("backend-") {
+            let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            out.push_str(&format!("--- {name} (last 30 lines)\n{tail}\n"));
+        }
+    }
+    out
 }
 
 /// Starts `cairn vhost serve` for the test volume and waits for its socket. Its log goes to
