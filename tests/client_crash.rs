@@ -1,8 +1,9 @@
 //! A client that dies in the middle of writes (the NBD gateway, run as a process of its own,
-//! SIGKILL, under fio at QD32) can leave a block different on the members of its group. The next attach — here the
-//! operator's `cairn debug read-replica --force` — fences the dead holder and reconciles the
-//! chunks in the members' activity records before any I/O: afterwards every replica is
-//! identical, and reads through a restarted gateway return the same bytes.
+//! SIGKILL, under fio at QD32) can leave a block different on the members of its group. The
+//! next attach — here the operator's `cairn debug read-replica --force` — fences the dead
+//! holder and reconciles the chunks in the members' activity records before any I/O:
+//! afterwards every replica is identical, and reads through a restarted gateway return the
+//! same bytes.
 
 mod common;
 

@@ -384,9 +384,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
 }
 
 /// Waits until the metadata service answers, `nodes` storage nodes have registered and are
-/// up, and the NBD gateway accepts connections. Fails at once if one of the processes exits meanwhile (a port already taken, a
-/// bad disk path), and after 60 s if the nodes still are not all up: "cairn is up" is only
-/// ever printed for the whole cluster.
+/// up, and the NBD gateway accepts connections. Fails at once if one of the processes exits
+/// meanwhile (a port already taken, a bad disk path), and after 60 s if the cluster still is
+/// not all up: "cairn is up" is only ever printed for the whole cluster.
 async fn wait_ready(
     client: &MetaClient,
     nodes: usize,

@@ -21,8 +21,8 @@
 //! - [`engine::fault`]: a fault-injecting wrapper for tests (EIO, ENOSPC, torn writes, latency).
 //! - [`protocol`]: the data protocol server (on TCP, on a Unix socket for clients on this
 //!   host, and by direct calls for clients in this very process: frontends run inside the
-//!   node, [`protocol::server::InProcess`]) and its request validation (the frame codec, the writer, the Unix transport and the
-//!   client are in `cairn_client::data`).
+//!   node, [`protocol::server::InProcess`]) and its request validation (the frame codec, the
+//!   writer, the Unix transport and the client are in `cairn_client::data`).
 //! - [`fence`]: the persisted generation / epoch marks that fence stale writers.
 //! - [`marks`]: keys made durable in RocksDB once, before the first operation needing them,
 //!   off the runtime's threads (the activity and dirty records are built on it).

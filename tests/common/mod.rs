@@ -603,8 +603,8 @@ impl UpCluster {
     /// The process serving NBD, as (role, id): the gateway process (`--gateway separate`),
     /// else storage node 1, which runs it (`cairn up`'s default).
     pub fn gateway(&self) -> (&'static str, u64) {
-        let processes = self.cluster_file()["processes"].clone();
-        match processes
+        let file = self.cluster_file();
+        match file["processes"]
             .as_array()
             .unwrap()
             .iter()

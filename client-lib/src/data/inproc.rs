@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use bytes::Bytes;
 use cairn_proto::data as pb;
@@ -44,21 +44,16 @@ pub trait InProcessNode: Send + Sync + 'static {
     fn node_uuid(&self) -> &str;
 }
 
-struct Entry {
-    node: Weak<dyn InProcessNode>,
-    runtime: Handle,
-}
-
-/// The nodes of this process, by advertised address.
-static NODES: Mutex<Option<HashMap<String, Entry>>> = Mutex::new(None);
-
-/// A node of this process, as a client holds it: the node goes away with its registration,
-/// after which calls fail as on a closed connection.
+/// A node of this process, as the registry and its clients hold it: the node goes away with
+/// its registration, after which calls fail as on a closed connection.
 #[derive(Clone)]
 pub(crate) struct Found {
     pub node: Weak<dyn InProcessNode>,
     pub runtime: Handle,
 }
+
+/// The nodes of this process, by advertised address.
+static NODES: LazyLock<Mutex<HashMap<String, Found>>> = LazyLock::new(Default::default);
 
 /// Keeps a node reachable in-process; dropping it unregisters the node. In-flight calls
 /// finish; later ones fail as on a closed connection, and the client reconnects over a socket.
@@ -80,13 +75,12 @@ pub enum RegisterError {
 pub fn register(addr: &str, node: Arc<dyn InProcessNode>) -> Result<Registration, RegisterError> {
     let runtime = Handle::try_current().map_err(RegisterError::NoRuntime)?;
     let mut nodes = NODES.lock().expect("in-process nodes lock");
-    let nodes = nodes.get_or_insert_with(HashMap::default);
     if nodes.get(addr).is_some_and(|e| e.node.strong_count() > 0) {
         return Err(RegisterError::Taken(addr.to_owned()));
     }
     nodes.insert(
         addr.to_owned(),
-        Entry {
+        Found {
             node: Arc::downgrade(&node),
             runtime,
         },
@@ -99,18 +93,18 @@ pub fn register(addr: &str, node: Arc<dyn InProcessNode>) -> Result<Registration
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(nodes) = NODES.lock().expect("in-process nodes lock").as_mut() {
-            nodes.remove(&self.addr);
-        }
+        NODES
+            .lock()
+            .expect("in-process nodes lock")
+            .remove(&self.addr);
     }
 }
 
 /// The node of this process registered under `addr`, if any.
 pub(crate) fn find(addr: &str) -> Option<Found> {
     let nodes = NODES.lock().expect("in-process nodes lock");
-    let e = nodes.as_ref()?.get(addr)?;
-    (e.node.strong_count() > 0).then(|| Found {
-        node: e.node.clone(),
-        runtime: e.runtime.clone(),
-    })
+    nodes
+        .get(addr)
+        .filter(|e| e.node.strong_count() > 0)
+        .cloned()
 }
