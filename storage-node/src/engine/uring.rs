@@ -22,6 +22,10 @@
 //! late by at most that, never lost. (Otherwise the kernel interrupts the thread for each
 //! completion, and its eventfd signal wakes it once more.)
 //!
+//! A submission the kernel refuses for good (anything but an interruption or a shortage that
+//! passes) fails the ring: every I/O in flight, waiting, or asked for later gets that error at
+//! once, until the node restarts — a disk that fails loudly, not I/O left in a queue.
+//!
 //! Writes of up to [`FIXED_BUF_SIZE`] whose data is not aligned for O_DIRECT are copied into
 //! buffers registered with the ring once at start (WRITE_FIXED: the kernel skips pinning their
 //! pages); larger ones into an aligned buffer of their own. Aligned write data (a log batch)
@@ -311,6 +315,38 @@ enum Buf {
 enum Done {
     Read(oneshot::Sender<io::Result<AlignedBuf>>),
     Write(oneshot::Sender<io::Result<()>>),
+    /// Answered already (the ring failed while it was in flight): its completion, if the
+    /// kernel ever posts one, only gives its buffer back.
+    Answered,
+}
+
+impl Done {
+    fn fail(self, e: io::Error) {
+        match self {
+            Self::Read(tx) => drop(tx.send(Err(e))),
+            Self::Write(tx) => drop(tx.send(Err(e))),
+            Self::Answered => {}
+        }
+    }
+}
+
+impl Req {
+    fn fail(self, e: io::Error) {
+        match self {
+            Self::Read { tx, .. } => drop(tx.send(Err(e))),
+            Self::Write { tx, .. } | Self::Fsync { tx } => drop(tx.send(Err(e))),
+        }
+    }
+}
+
+/// `io_uring_enter` refusals that pass: interrupted, or out of resources for now (EAGAIN), or
+/// the completion queue full (EBUSY). What is queued stays queued, and the next enter (a
+/// request's, or the backstop's) submits it.
+fn passes(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ENOMEM)
+    )
 }
 
 struct InFlight {
@@ -346,6 +382,9 @@ struct RingState {
     watchers: usize,
     /// Whether completions signal the eventfd now.
     signals: bool,
+    /// Why the ring fails every I/O: the kernel refused a submission for good (see
+    /// [`RingState::fail`]).
+    failed: Option<String>,
     /// `io_uring_enter` calls that submitted something.
     #[cfg(test)]
     submissions: usize,
@@ -373,6 +412,7 @@ impl RingState {
             awaited: 0,
             watchers: 0,
             signals: true,
+            failed: None,
             #[cfg(test)]
             submissions: 0,
             #[cfg(test)]
@@ -419,7 +459,7 @@ impl RingState {
     /// (the backstop's call: the kernel may keep part of a large batch without setting its
     /// "work queued" flag again).
     fn take_held_back(&mut self) {
-        if self.defer {
+        if self.defer && self.failed.is_none() {
             /// IORING_ENTER_GETEVENTS (include/uapi/linux/io_uring.h).
             const GETEVENTS: u32 = 1;
             // SAFETY: an enter that submits nothing and passes no argument: the kernel touches
@@ -473,13 +513,7 @@ impl RingState {
                     self.submissions += usize::from(!self.ring.submission().is_empty());
                     self.enters += 1;
                 }
-                if let Err(e) = self.ring.submit() {
-                    if e.raw_os_error() != Some(libc::EINTR)
-                        && e.raw_os_error() != Some(libc::EBUSY)
-                    {
-                        tracing::error!(error = %e, "io_uring submit failed");
-                    }
-                }
+                self.submit();
             }
             let reaped = self.reap_once();
             self.update_signals();
@@ -495,6 +529,46 @@ impl RingState {
             }
             recheck = !reaped;
         }
+    }
+
+    /// Enters the kernel to submit what is queued (and, deferred, to run its completion work).
+    /// A refusal that passes is left for the next enter; any other fails the ring.
+    fn submit(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        match self.ring.submit() {
+            Ok(_) => {}
+            Err(e) if passes(&e) => {}
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    /// The kernel refused a submission for good (EEXIST: an enter from a thread other than
+    /// the ring's one issuer — a bug of ours; EBADF, EFAULT, EINVAL, ENXIO: a ring that cannot
+    /// go on). Every I/O in flight or waiting for a slot is answered with the error now, and
+    /// every later one at once, until the node restarts: the disk fails as a dead one would,
+    /// loudly, instead of its I/O waiting in a queue nobody submits. An I/O the kernel had
+    /// already taken may still land: like one that failed with EIO, it was never acknowledged,
+    /// and its buffer is kept until its completion comes (or for good: see `drain`).
+    fn fail(&mut self, e: &io::Error) {
+        let why = format!(
+            "the disk's io_uring refused a submission ({e}); every I/O on this disk fails \
+             until the node restarts"
+        );
+        tracing::error!("{why}");
+        for f in self.slots.iter_mut().flatten() {
+            if !f.lazy {
+                f.lazy = true;
+                self.awaited -= 1;
+            }
+            std::mem::replace(&mut f.reply, Done::Answered).fail(io::Error::other(why.clone()));
+        }
+        for r in std::mem::take(&mut self.backlog) {
+            r.fail(io::Error::other(why.clone()));
+        }
+        self.failed = Some(why);
+        self.update_signals();
     }
 
     /// Answers the completions in the queue, then starts what waited for a free slot.
@@ -518,6 +592,13 @@ impl RingState {
 
     /// Waits for every I/O in flight to complete (at drop).
     fn drain(&mut self) {
+        if self.failed.is_some() && self.inflight > 0 {
+            // Some of them never reached the kernel, and the ring cannot be trusted to say
+            // which: keep every buffer alive for good.
+            std::mem::forget(std::mem::take(&mut self.pool));
+            std::mem::forget(std::mem::take(&mut self.slots));
+            return;
+        }
         while self.inflight > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -535,16 +616,21 @@ impl RingState {
         }
     }
 
-    /// Queues an SQE, submitting what is queued first if the submission queue is full.
+    /// Queues an SQE, submitting what is queued first if the submission queue is full. On a
+    /// ring that fails (or fails in that submit) the SQE is dropped: its slot has been answered
+    /// with the failure, and stays taken.
     fn push(&mut self, sqe: io_uring::squeue::Entry) {
         for _ in 0..2 {
+            if self.failed.is_some() {
+                return;
+            }
             // SAFETY: every buffer an SQE points to is owned by `self` (pool or slot entry) and
             // outlives the I/O: it is released only when its completion arrives (or at drop,
             // after `drain`).
             if unsafe { self.ring.submission().push(&sqe).is_ok() } {
                 return;
             }
-            let _ = self.ring.submit();
+            self.submit();
         }
         panic!("io_uring submission queue still full after a submit");
     }
@@ -596,6 +682,10 @@ impl RingState {
     }
 
     fn start(&mut self, r: Req) -> bool {
+        if let Some(why) = &self.failed {
+            r.fail(io::Error::other(why.clone()));
+            return true;
+        }
         if self.free_slots.is_empty() && self.slots.len() >= RING_DEPTH as usize {
             self.backlog.push_back(r);
             return false;
@@ -695,8 +785,8 @@ impl RingState {
         if !inflight_lazy {
             self.awaited += 1;
         }
-        self.push(sqe);
         self.inflight += 1;
+        self.push(sqe);
         true
     }
 
@@ -749,6 +839,11 @@ impl RingState {
             }
             (Done::Read(tx), None) => {
                 let _ = tx.send(Err(io::Error::other("read without a buffer")));
+            }
+            (Done::Answered, buf) => {
+                if let Some(Buf::Fixed(i)) = buf {
+                    self.free_fixed.push(i);
+                }
             }
         }
     }
@@ -910,6 +1005,42 @@ mod tests {
             soon(r.read(0, 8192)).await.unwrap().as_ref()[4096..],
             [5u8; 4096]
         );
+    }
+
+    /// A submission the kernel refuses for good — here EEXIST, an enter from a thread that is
+    /// not the ring's one issuer — fails the I/O it carried, the I/O queued with it, and every
+    /// later one at once, each with an error that says why. (It used to be logged and left in
+    /// the queue: the I/O then waited for another enter, or, on an idle disk with an hour's
+    /// backstop, for good.)
+    #[tokio::test]
+    async fn a_refused_submission_fails_the_ring() {
+        let (_d, r) = ring(HOUR);
+        let r = Arc::new(r);
+        soon(r.write(0, block(1), true)).await.unwrap();
+        // Queued for this runtime's submitter, which has not run yet.
+        let queued = r.write_batched(4096, block(2));
+        tokio::pin!(queued);
+        assert!(futures::poll!(queued.as_mut()).is_pending());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = r.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let _ = tx.send(rt.block_on(other.read(0, 4096)).map(drop));
+        });
+        let read = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a read submitted from another thread was never answered");
+        let refused = |res: io::Result<()>, what: &str| {
+            let e = res.expect_err(what).to_string();
+            assert!(e.contains("io_uring refused a submission"), "{what}: {e}");
+        };
+        refused(read, "the refused read");
+        refused(soon(queued).await, "the write queued with it");
+        refused(soon(r.write(8192, block(3), true)).await, "a later write");
+        refused(soon(r.read(0, 4096)).await.map(drop), "a later read");
+        refused(soon(r.fdatasync()).await, "a later sync");
     }
 
     /// The kernel's "work queued" flag can be left set with nothing queued, and stay so on an
