@@ -817,6 +817,10 @@ impl RingState {
         } else {
             Ok(())
         };
+        // A registered buffer (writes only) goes back to the pool, whatever the answer.
+        if let Some(Buf::Fixed(i)) = f.buf {
+            self.free_fixed.push(i);
+        }
         match (f.reply, f.buf) {
             (Done::Read(tx), Some(buf)) => {
                 let out = match (result, buf) {
@@ -831,20 +835,13 @@ impl RingState {
                 };
                 let _ = tx.send(out);
             }
-            (Done::Write(tx), buf) => {
-                if let Some(Buf::Fixed(i)) = buf {
-                    self.free_fixed.push(i);
-                }
+            (Done::Write(tx), _) => {
                 let _ = tx.send(result);
             }
             (Done::Read(tx), None) => {
                 let _ = tx.send(Err(io::Error::other("read without a buffer")));
             }
-            (Done::Answered, buf) => {
-                if let Some(Buf::Fixed(i)) = buf {
-                    self.free_fixed.push(i);
-                }
-            }
+            (Done::Answered, _) => {}
         }
     }
 }
